@@ -1,0 +1,276 @@
+"""Save and load OWQ checkpoint directories (format_version 1); knows no quantization algorithm.
+
+A checkpoint is a directory: `config.json` (the model config plus `quantization_config`),
+`model.safetensors` (packed `OWQLinear` tensors, everything else fp16), tokenizer files and
+`owq_report.json`. Writing goes to a temp dir that is renamed into place; loading builds the
+transformers model with empty weights from the config, swaps every quantized linear for an
+`OWQLinear` and assigns the stored tensors, so no fp16 base is ever needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .families import family_of, linear_shape, quantized_linear_paths, set_module
+from .owq_linear import OWQLinear
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+STORAGE_DTYPE = torch.float16
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The `quantization_config` block of config.json."""
+
+    bits: int
+    group_size: int
+    sym: bool = False
+    method: str = "owq"
+    extra: dict | None = None
+
+    def to_dict(self, model_sha256: str) -> dict:
+        return {
+            "quant_method": "owq",
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "model_sha256": model_sha256,
+            **(self.extra or {}),
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _unquantized_modules(model: nn.Module):
+    owq_params = {
+        id(p) for m in model.modules() if isinstance(m, OWQLinear) for p in m.parameters()
+    }
+    for name, p in model.named_parameters():
+        if id(p) not in owq_params and p.is_floating_point():
+            yield name, p
+
+
+def round_unquantized(model: nn.Module) -> None:
+    """Round every non-quantized float parameter to the storage dtype, in place.
+
+    Done before saving, so the model in memory is exactly the model that loads back.
+    """
+    with torch.no_grad():
+        for _, p in _unquantized_modules(model):
+            p.copy_(p.to(STORAGE_DTYPE).to(p.dtype))
+
+
+def _is_tied(model: nn.Module) -> bool:
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def _state_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if _is_tied(model):
+        state.pop(_head_key(model), None)
+    out = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        if t.is_floating_point() and t.dtype != STORAGE_DTYPE:
+            t = t.to(STORAGE_DTYPE)
+        out[name] = t.contiguous()
+    return out
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def save_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    quant: QuantConfig,
+    tokenizer=None,
+    report: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (its quantized linears already `OWQLinear`) to `out_dir` atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output path {out} exists (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    round_unquantized(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(_state_for_file(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config["quantization_config"] = quant.to_dict(file_sha256(tmp / WEIGHTS_NAME))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / "owq_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def read_quant_config(path: str | Path) -> dict:
+    """The validated `quantization_config` of a checkpoint dir, or CheckpointError."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not an owq checkpoint: no config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "owq":
+        raise CheckpointError(
+            f"{path} is not an owq checkpoint: config.json has no owq quantization_config"
+        )
+    if quant.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: unknown format_version {quant.get('format_version')!r} "
+            f"(this owq reads format_version {FORMAT_VERSION})"
+        )
+    return quant
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    try:
+        read_quant_config(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
+    if expected_sha and file_sha256(weights) != expected_sha:
+        raise CheckpointError(
+            f"{weights} does not match the checksum in config.json (truncated or modified file)"
+        )
+    try:
+        return load_file(weights)
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{weights} cannot be read: {e}") from None
+
+
+def _build_empty(config) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_checkpoint(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Build the quantized model of a checkpoint dir; CheckpointError with one line on failure."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    quant = read_quant_config(path)
+    tensors = _read_tensors(path, quant.get("model_sha256"))
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = _build_empty(config)
+    family = family_of(config)
+    for name in quantized_linear_paths(model, family):
+        if f"{name}.qweight" not in tensors:
+            raise CheckpointError(f"{path}: tensor {name}.qweight is missing")
+        in_f, out_f = linear_shape(model.get_submodule(name))
+        k = tensors[f"{name}.outlier_idx"].numel() if f"{name}.outlier_idx" in tensors else 0
+        layer = OWQLinear(
+            in_f, out_f, quant["bits"], quant["group_size"], k, f"{name}.bias" in tensors
+        )
+        set_module(model, name, layer)
+    _assign(model, tensors, path)
+    model.tie_weights()
+    _cast_unquantized(model, dtype)
+    model.config.quantization_config = quant
+    return model.to(device).eval()
+
+
+def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: tensors do not fit the model: {first[-1].strip()}"
+        ) from None
+    head = model.get_output_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [
+        k for k in result.missing_keys if not (tied and head is not None and k == _head_key(model))
+    ]
+    if missing or result.unexpected_keys:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {result.unexpected_keys[:3]}"
+        raise CheckpointError(f"{path}: tensors do not match the config: {what}")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta and not tied:
+        raise CheckpointError(f"{path}: no weights for {meta[:3]}")
+
+
+def _head_key(model: nn.Module) -> str:
+    return _module_name(model, model.get_output_embeddings()) + ".weight"
+
+
+def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        if isinstance(module, OWQLinear):
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                setattr(module, name, nn.Parameter(p.data.to(dtype), requires_grad=p.requires_grad))
+    model.tie_weights()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Hash of every OWQLinear's name, shape and outlier_idx: what an adapter must match."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if isinstance(module, OWQLinear):
+            digest.update(f"{name}:{module.in_features}x{module.out_features}:".encode())
+            digest.update(module.outlier_idx.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,5 @@
+import sys
+
+from owq.cli import main
+
+sys.exit(main())

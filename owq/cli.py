@@ -1,0 +1,74 @@
+"""The `owq` command line: one parser, subcommands registered by each package.
+
+Each subcommand module exposes `add_parser(subparsers)` (argparse only, no heavy imports) and
+sets `run(args) -> int`. Expected failures (missing model, corpus, bad checkpoint, bad input)
+print one line `owq: error: ...` and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("owq.quantizer.eval_cli",)
+
+EXAMPLES = """examples:
+  owq eval default                       # perplexity of the built-in model on Persuasion
+  owq <command> --help                   # examples for each command
+"""
+
+
+class UsageError(Exception):
+    """A user mistake the CLI reports in one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="owq",
+        description="OWQ: quantize, tune weak-column adapters, serve.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    from owq.austen import CorpusMissing
+    from owq.default_model import ModelMissing
+    from owq.kernels.checkpoint import CheckpointError
+
+    return (
+        UsageError,
+        CorpusMissing,
+        ModelMissing,
+        CheckpointError,
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.run(args) or 0)
+    except expected_errors() as e:
+        print(f"owq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("owq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

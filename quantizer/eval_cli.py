@@ -1,0 +1,95 @@
+"""`owq eval`: perplexity of one or more models on held-out text, as a table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  owq eval default                                   # fp baseline on Persuasion
+  owq eval default ckpt/owq-3.05 ckpt/gptq-3 --json results.json
+  owq eval ckpt/owq-3 --text my_text.txt --seqlen 1024 --max-windows 32
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity over non-overlapping windows",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="'default', an HF dir, a GGUF file or an owq checkpoint",
+    )
+    p.add_argument(
+        "--adapter", default=None, help="weak-column adapter dir applied to each checkpoint"
+    )
+    p.add_argument("--text", default="persuasion", help="'persuasion' (held out) or a text file")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    p.set_defaults(run=run)
+
+
+def evaluate_one(
+    model_arg: str, text: str, seqlen: int, max_windows: int | None, adapter=None
+) -> dict:
+    import torch
+
+    from owq.kernels.bits import checkpoint_bits
+    from owq.kernels.checkpoint import is_checkpoint
+    from owq.models import load_model
+    from owq.quantizer.perplexity import perplexity
+
+    model, tokenizer, name = load_model(model_arg)
+    if adapter is not None:
+        from owq.quantizer.adapters import apply_adapter
+
+        apply_adapter(model, adapter)
+    ids = torch.tensor(tokenizer(text).input_ids)
+    result = perplexity(model, ids, seqlen, max_windows)
+    row = {"model": model_arg, "name": name, "ppl": result.ppl, "tokens": result.tokens}
+    if Path(model_arg).is_dir() and is_checkpoint(model_arg):
+        bits = checkpoint_bits(model_arg)
+        row |= {
+            "bits_per_weight_linear": bits.bits_per_weight_linear,
+            "bits_per_weight_total": bits.bits_per_weight_total,
+            "file_bytes": bits.file_bytes,
+        }
+    else:
+        row |= {"bits_per_weight_linear": 16.0, "bits_per_weight_total": 16.0, "file_bytes": None}
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        f"{'model':<40} {'ppl':>10} {'tokens':>8} {'bits/w lin':>10} {'bits/w all':>10} {'MiB':>8}"
+    ]
+    for r in rows:
+        size = f"{r['file_bytes'] / 2**20:8.1f}" if r["file_bytes"] else f"{'-':>8}"
+        lines.append(
+            f"{r['model'][-40:]:<40} {r['ppl']:>10.3f} {r['tokens']:>8} "
+            f"{r['bits_per_weight_linear']:>10.3f} {r['bits_per_weight_total']:>10.3f} {size}"
+        )
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from owq.quantizer.texts import eval_text
+
+    text = eval_text(args.text)
+    rows = [evaluate_one(m, text, args.seqlen, args.max_windows, args.adapter) for m in args.models]
+    print(format_table(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
