@@ -170,11 +170,13 @@ def read_quant_config(path: str | Path) -> dict:
 
 
 def is_checkpoint(path: str | Path) -> bool:
+    """True when `path` holds an owq config (of any format_version: loading validates it)."""
     try:
-        read_quant_config(path)
-    except CheckpointError:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
         return False
-    return True
+    quant = config.get("quantization_config")
+    return isinstance(quant, dict) and quant.get("quant_method") == "owq"
 
 
 def _read_tensors(path: Path, expected_sha: str | None) -> dict[str, torch.Tensor]:

@@ -54,6 +54,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except expected_errors() as e:
-        print(f"owq: error: {e}", file=sys.stderr)
+        print(f"owq: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("owq: interrupted", file=sys.stderr)

@@ -1,0 +1,55 @@
+"""The Austen extractor: six novels, each starting with its known first sentence, only text."""
+
+import pytest
+
+from owq import austen
+
+FIRST_SENTENCES = {
+    "sense_and_sensibility": "The family of Dashwood had long been settled in Sussex.",
+    "pride_and_prejudice": "It is a truth universally acknowledged, that a single man in "
+    "possession of a good fortune, must be in want of a wife.",
+    "mansfield_park": "About thirty years ago Miss Maria Ward, of Huntingdon, with only seven "
+    "thousand pounds, had the good luck to captivate Sir Thomas Bertram",
+    "emma": "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy "
+    "disposition, seemed to unite some of the best blessings of existence",
+    "northanger_abbey": "No one who had ever seen Catherine Morland in her infancy would have "
+    "supposed her born to be an heroine.",
+    "persuasion": "Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who, for his "
+    "own amusement, never took up any book but the Baronetage",
+}
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_six_novels_in_order():
+    novels = austen.read_novels()
+    assert list(novels) == list(FIRST_SENTENCES)
+
+
+@pytest.mark.parametrize("name", list(FIRST_SENTENCES))
+def test_first_sentence_opens_first_chapter(name):
+    text = flat(austen.read_novels()[name])
+    chapter = text.upper().find("CHAPTER")
+    first = text.find(FIRST_SENTENCES[name])
+    assert 0 < chapter < first < chapter + 40, (chapter, first)
+    assert len(text) > 300_000
+
+
+def test_nothing_but_text():
+    for name, text in austen.read_novels().items():
+        assert text.isprintable() or all(c.isprintable() or c == "\n" for c in text), name
+        assert "\x00" not in text and "CHARSXP" not in text
+
+
+def test_calibration_excludes_heldout():
+    calib = austen.calibration_text()
+    assert FIRST_SENTENCES["persuasion"] not in flat(calib)
+    assert FIRST_SENTENCES["emma"] in flat(calib)
+    assert FIRST_SENTENCES["persuasion"] in flat(austen.heldout_text())
+
+
+def test_missing_corpus_says_what_to_install(tmp_path):
+    with pytest.raises(austen.CorpusMissing, match="apt-get install r-cran-janeaustenr"):
+        austen.read_novels(tmp_path / "Rdata.rdb")

@@ -1,0 +1,140 @@
+"""OWQLinear against a float reference built from the same codes; slots; autograd."""
+
+import pytest
+import torch
+
+from owq.kernels import OWQLinear
+from owq.kernels.reference import owq_matmul
+
+IN, OUT = 128, 48
+
+
+def build(bits=3, group_size=32, k=8, seed=0, bias=True):
+    """A layer from random codes plus the exact float weight those codes stand for."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else IN // group_size
+    codes = torch.randint(0, 2**bits, (OUT, IN), generator=gen)
+    zeros = torch.randint(0, 2**bits, (groups, OUT), generator=gen)
+    scales = (torch.rand(groups, OUT, generator=gen) * 0.1 + 0.01).half()
+    idx = torch.randperm(IN, generator=gen)[:k]
+    weak = torch.randn(OUT, k, generator=gen).half()
+    b = torch.randn(OUT, generator=gen).half() if bias else None
+    layer = OWQLinear.from_codes(codes, scales, zeros, bits, group_size, idx, weak, b)
+    g = torch.arange(IN) // (IN if group_size == -1 else group_size)
+    dense = (codes - zeros[g].t()).float() * scales.float()[g].t()  # [OUT, IN]
+    dense[:, idx] = weak.float()
+    return layer, dense, (b.float() if bias else torch.zeros(OUT))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 17])
+@pytest.mark.parametrize("k", [0, 1, 8])
+@pytest.mark.parametrize("bits,group_size", [(2, -1), (3, 32), (4, 128)])
+def test_matches_float_reference(batch, k, bits, group_size):
+    layer, dense, bias = build(bits, group_size, k, seed=batch + k)
+    x = torch.randn(batch, IN)
+    expected = x @ dense.t() + bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        owq_matmul(
+            x,
+            layer.qweight,
+            layer.scales,
+            layer.qzeros,
+            layer.outlier_idx,
+            layer.oweight,
+            bits,
+            group_size,
+            layer.bias,
+        ),
+        expected,
+        rtol=1e-5,
+        atol=1e-4,
+    )
+
+
+def test_three_dim_input():
+    layer, dense, bias = build()
+    x = torch.randn(2, 5, IN)
+    torch.testing.assert_close(layer(x), x @ dense.t() + bias, rtol=1e-5, atol=1e-4)
+
+
+def test_weak_rows_of_dense_part_are_exactly_zero():
+    layer, _, _ = build(k=8)
+    dense = layer.dense_weight(torch.float32)  # [OUT, IN]
+    assert bool((dense[:, layer.outlier_idx.long()] == 0).all())
+    others = torch.ones(IN, dtype=torch.bool)
+    others[layer.outlier_idx.long()] = False
+    assert bool((dense[:, others] != 0).any())
+
+
+def test_outlier_idx_sorted_unique_and_oweight_follows():
+    layer, dense, _ = build(k=8)
+    idx = layer.outlier_idx.long()
+    assert torch.equal(idx, torch.sort(idx).values)
+    assert torch.equal(layer.oweight.float(), dense[:, idx].t())
+
+
+def test_mixed_slots_equal_each_row_alone():
+    layer, _, _ = build(k=8, seed=3)
+    layer.resize_slots(3)
+    gen = torch.Generator().manual_seed(1)
+    for s in range(1, 4):
+        layer.set_slot(s, torch.randn(8, OUT, generator=gen).half())
+    x = torch.randn(6, 4, IN, generator=gen)  # [B, T, in]
+    slots = torch.tensor([0, 2, 1, 3, 2, 0])
+    batched = layer(x, slots)
+    for row in range(6):
+        alone = layer(x[row : row + 1], slots[row : row + 1])
+        torch.testing.assert_close(batched[row : row + 1], alone, rtol=1e-6, atol=1e-5)
+    # slot 0 is the base's own columns; a different slot really changes the row
+    torch.testing.assert_close(layer(x[:1], torch.tensor([0])), layer(x[:1]), rtol=0, atol=0)
+    assert not torch.allclose(batched[1], layer(x[1:2])[0])
+
+
+def test_slot_errors():
+    layer, _, _ = build(k=8)
+    layer.resize_slots(2)
+    with pytest.raises(ValueError, match="slot 3 out of range"):
+        layer.set_slot(3, torch.zeros(8, OUT))
+    with pytest.raises(ValueError, match=r"expected \[8, 48\]"):
+        layer.set_slot(1, torch.zeros(4, OUT))
+    with pytest.raises(ValueError, match="expects 128"):
+        layer(torch.zeros(2, 64))
+
+
+def test_gradients_reach_oweight_and_x_never_codes():
+    layer, _, _ = build(k=8)
+    layer.resize_slots(1)
+    layer.adapter_table.requires_grad_(True)
+    x = torch.randn(3, IN, requires_grad=True)
+    layer(x, torch.tensor([0, 1, 0])).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert layer.oweight.grad is not None and layer.oweight.grad.abs().sum() > 0
+    assert layer.adapter_table.grad is not None and layer.adapter_table.grad.abs().sum() > 0
+    for name in ("qweight", "scales", "qzeros", "outlier_idx"):
+        tensor = getattr(layer, name)
+        assert not tensor.requires_grad and tensor.grad is None, name
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["oweight"]
+
+
+def test_from_float_keeps_weak_columns_exact_and_quantizes_the_rest():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(OUT, IN, generator=gen)
+    idx = torch.tensor([3, 77, 100])
+    layer = OWQLinear.from_float(w, 4, 32, idx)
+    dense = layer.dense_weight(torch.float32)
+    assert torch.equal(layer.oweight.float().t(), w[:, idx].half().float())
+    rest = torch.ones(IN, dtype=torch.bool)
+    rest[idx] = False
+    err = (dense[:, rest] - w[:, rest]).abs().max()
+    step = (w.abs().max() * 2 / 15).item()
+    assert err <= step / 2 + 1e-3
+
+
+def test_cache_invalidated_by_load_state_dict():
+    a, _, _ = build(seed=1)
+    b, dense_b, bias_b = build(seed=2)
+    x = torch.randn(2, IN)
+    a(x)  # fills a's dense cache
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), x @ dense_b.t() + bias_b, rtol=1e-5, atol=1e-4)
