@@ -93,6 +93,10 @@ class EngineNotReady(EngineError):  # 503
     pass
 
 
+class InvalidRequest(EngineError):  # 400: empty prompt, token id outside the vocabulary, bad values
+    pass
+
+
 class EngineObserver(Protocol):
     """Hooks the engine calls so the API can export Prometheus metrics."""
 

@@ -1,0 +1,156 @@
+"""`owq serve`: the OpenAI-compatible server on uvicorn (one worker, graceful shutdown).
+
+With no CKPT it serves the built-in default checkpoint (quantized once into the cache dir by
+`owq.default_checkpoint`) with `examples/adapters/` when present. Parses arguments, builds the
+engine and the app, runs uvicorn; knows nothing about routes or tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  owq serve                                   # built-in default (quantized once, cached)
+  owq serve ckpt/owq-3 --adapters adapters/ --port 8000
+  owq serve ckpt/owq-3 --api-keys keys.json --max-batch 32 --max-queue 512
+  owq serve ckpt/owq-3 --device cuda --host 0.0.0.0
+
+  curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+       -d '{"prompt": "Once upon a time", "max_tokens": 32}'
+  curl localhost:8000/v1/chat/completions -H 'X-OWQ-Adapter: my-task' \\
+       -d '{"messages": [{"role": "user", "content": "Hi"}]}' -H 'content-type: application/json'
+
+api-keys file (JSON): {"keys": {"sk-a": {"adapters": ["a", "b"]}, "sk-ops": {"admin": true}}}
+  adapters: names the key may use ("*" = all); base: may use the base (default true);
+  admin: every model and the /v1/adapters routes. Without the file the server is open.
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server with per-request adapters",
+        description="Serve an owq checkpoint over an OpenAI-compatible HTTP API.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "ckpt",
+        nargs="?",
+        default=None,
+        metavar="CKPT",
+        help="owq checkpoint dir (default: the built-in default, made on first use)",
+    )
+    p.add_argument(
+        "--adapters",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="adapters dir (default with no CKPT: examples/adapters/ if present)",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="rows in the running batch")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument(
+        "--api-keys",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON key table (see below); without it the server is open",
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    p.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="do not load every adapter of the adapters dir at start-up",
+    )
+    p.set_defaults(run=run)
+
+
+def resolve_paths(args) -> tuple[Path, Path | None]:
+    """(checkpoint dir, adapters dir or None)."""
+    from owq.kernels.checkpoint import CheckpointError, read_quant_config
+
+    if args.ckpt is None:
+        from owq.default_checkpoint import default_adapters_dir, default_checkpoint
+
+        return default_checkpoint(), args.adapters or default_adapters_dir()
+    ckpt = Path(args.ckpt)
+    read_quant_config(ckpt)  # CheckpointError with one line if it is not a checkpoint
+    if args.adapters is not None and not args.adapters.is_dir():
+        raise CheckpointError(f"--adapters {args.adapters} is not a directory")
+    return ckpt, args.adapters
+
+
+def build_settings(args):
+    from .auth import KeyTable
+    from .settings import ServerSettings
+
+    keys = KeyTable.from_file(args.api_keys) if args.api_keys else None
+    return ServerSettings(
+        max_body_bytes=args.max_body_bytes, keys=keys, preload_adapters=not args.no_preload
+    )
+
+
+def build_engine(ckpt: Path, adapters: Path | None, args, observer):
+    from .engine import Engine
+
+    return Engine.from_checkpoint(
+        ckpt,
+        adapters_dir=adapters,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        device=args.device,
+        observer=observer,
+    )
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .metrics import ServerMetrics
+
+    settings = build_settings(args)
+    ckpt, adapters = resolve_paths(args)
+    log.info(
+        "serving %s%s on http://%s:%d",
+        ckpt,
+        f" with adapters {adapters}" if adapters else "",
+        args.host,
+        args.port,
+    )
+    metrics = ServerMetrics()
+    app = create_app(build_engine(ckpt, adapters, args, metrics), settings, metrics)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        workers=1,
+        log_level=logging.getLevelName(logging.getLogger().level).lower(),
+        timeout_graceful_shutdown=30,
+    )
+    serve(uvicorn.Server(config))
+    return 0
+
+
+def serve(server) -> None:
+    """Run uvicorn until SIGINT/SIGTERM; it drains open requests, stops the engine, returns.
+
+    uvicorn re-raises the signal it caught after its graceful shutdown; a finished shutdown is a
+    clean exit (status 0), so SIGTERM is neutralised and the re-raised SIGINT swallowed here.
+    """
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        log.info("stopped")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

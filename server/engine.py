@@ -1,0 +1,255 @@
+"""The engine behind the HTTP layer: one model thread, an asyncio front, adapters by name.
+
+`Engine.from_checkpoint(dir, adapters_dir=...)` loads an owq checkpoint, builds the own runtime
+(`runtime/`), a fixed KV cache of `max_batch` rows and a slot table of `num_slots` adapter slots,
+and implements protocol's `Engine`: `generate` validates a request (context, adapter, queue),
+hands it to the scheduler's thread and streams its events back through an asyncio queue; closing
+the stream cancels the request at the next step. Knows nothing about HTTP, JSON or auth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from owq.kernels import OWQLinear
+from owq.kernels.checkpoint import base_fingerprint, load_checkpoint
+
+from .adapter_registry import AdapterRegistry
+from .adapter_slots import SlotTable
+from .detokenize import TextStream
+from .protocol import (
+    ContextTooLong,
+    EngineError,
+    EngineNotReady,
+    EngineObserver,
+    GenerationRequest,
+    InvalidRequest,
+    PromptLogprobs,
+    QueueFull,
+    TokenOutput,
+)
+from .runtime import KVCache, build_runtime, step_index
+from .scheduler import Scheduler, SchedulerConfig, Sequence
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8
+    max_queue: int = 64
+    num_slots: int | None = None  # adapter slots besides the base; None = max_batch
+    max_context: int = 2048  # capped by the model's own limit
+    prefill_chunk: int = 256
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
+
+    @property
+    def slots(self) -> int:
+        return self.max_batch if self.num_slots is None else self.num_slots
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self.dtype is not None:
+            return self.dtype
+        return torch.float16 if str(self.device).startswith("cuda") else torch.float32
+
+
+def owq_layers(model: torch.nn.Module) -> dict[str, OWQLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, OWQLinear)}
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    found: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        found.update(value if isinstance(value, list | tuple) else [value])
+    return {int(v) for v in found if v is not None}
+
+
+class Engine:
+    """protocol.Engine over one quantized checkpoint."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig, adapters_dir=None, observer=None,
+                 model_name: str = "model"):  # fmt: skip
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.config = config
+        self.hf_model = model
+        layers = owq_layers(model)
+        for layer in layers.values():
+            layer.resize_slots(config.slots)
+        self.runtime = build_runtime(model, config.max_context)
+        self.max_context = self.runtime.max_context
+        self.vocab_size = self.runtime.head.shape[0]
+        self.cache = KVCache(self.runtime.cache_shape(config.max_batch))
+        self.slots = SlotTable(layers, config.slots, self.runtime.refresh_slot)
+        shapes = {n: (m.num_weak, m.out_features) for n, m in layers.items() if m.num_weak}
+        self.adapters = AdapterRegistry(
+            adapters_dir, base_fingerprint(model), shapes, model_name, observer
+        )
+        sched = SchedulerConfig(config.max_batch, config.max_queue, config.prefill_chunk)
+        self.scheduler = Scheduler(
+            self.runtime, self.cache, self.slots, tokenizer, eos_ids(model, tokenizer), sched,
+            observer, config.device,
+        )  # fmt: skip
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt_dir: str | Path,
+        adapters_dir: str | Path | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        device: str = "cpu",
+        num_slots: int | None = None,
+        observer: EngineObserver | None = None,
+        model_name: str | None = None,
+        max_context: int = 2048,
+        prefill_chunk: int = 256,
+    ) -> Engine:
+        from transformers import AutoTokenizer
+
+        config = EngineConfig(max_batch, max_queue, num_slots, max_context, prefill_chunk, device)
+        model = load_checkpoint(ckpt_dir, config.compute_dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        name = model_name or Path(ckpt_dir).resolve().name
+        return cls(model, tokenizer, config, adapters_dir, observer, name)
+
+    # lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="owq-model", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self.scheduler.wake()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        self._ready.clear()
+
+    def ready(self) -> bool:
+        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
+
+    def set_observer(self, observer: EngineObserver | None) -> None:
+        """Attach the metrics hooks after construction (the app may build them later)."""
+        self.scheduler.observer = observer
+        self.adapters.observer = observer
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    # requests ---------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> AsyncIterator[PromptLogprobs | TokenOutput]:
+        """Validates now (raises before any event); the request is queued on the first
+        `__anext__`, where QueueFull can still be raised if the queue filled up meanwhile."""
+        if not self.ready():
+            raise EngineNotReady("the model is not loaded yet")
+        self.check_request(request)
+        handle = self.adapters.handle(request.adapter)
+        if self.scheduler.queued >= self.config.max_queue:
+            raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests)")
+        return self._stream(request, handle)
+
+    def check_request(self, request: GenerationRequest) -> None:
+        p, ids = request.params, request.prompt_ids
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.vocab_size})")
+        check_params(p)
+        if len(ids) + p.max_tokens > self.max_context:
+            raise ContextTooLong(
+                f"this model's context is {self.max_context} tokens; the prompt has {len(ids)} "
+                f"tokens and max_tokens is {p.max_tokens} ({len(ids) + p.max_tokens} in all)"
+            )
+
+    async def _stream(self, request, handle) -> AsyncIterator[PromptLogprobs | TokenOutput]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+
+        text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
+        seq = Sequence(request, handle, sink, text)
+        self.scheduler.submit(seq)
+        try:
+            while True:
+                event = await events.get()
+                if event is None:
+                    return
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+        finally:
+            seq.cancel()  # a no-op once finished; otherwise frees the row at the next step
+
+    # model thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self._warm_up()
+            self._ready.set()
+            log.info("engine ready: %s, max_context %d", self.model_name, self.max_context)
+            while not self._stopping.is_set():
+                if not self.scheduler.has_work():
+                    self.scheduler.wait_for_work()
+                    if not self.scheduler.has_work():
+                        continue
+                self._step()
+            self.scheduler.fail_all(EngineNotReady("the engine stopped"), include_waiting=True)
+
+    def _step(self) -> None:
+        try:
+            self.scheduler.step()
+        except Exception as e:  # a bug or an allocation failure: end this batch, keep serving
+            log.exception("engine step failed")
+            self.scheduler.fail_all(EngineError(f"internal engine error: {type(e).__name__}"))
+        if not self.scheduler.has_work():
+            self.scheduler.report()
+
+    def _warm_up(self) -> None:
+        """Dequantize every layer's dense cache and run one token, before reporting ready."""
+        dtype = self.config.compute_dtype
+        for layer in owq_layers(self.hf_model).values():
+            layer.dense_weight(dtype)
+        device = self.config.device
+        positions = torch.zeros(1, 1, dtype=torch.long, device=device)
+        step = step_index(self.cache.shape, 0, positions)
+        self.runtime(positions, step, self.cache, None, "last")
+
+
+def check_params(p) -> None:
+    """InvalidRequest naming the first sampling value out of range."""
+    problems = [
+        (p.max_tokens < 0, f"max_tokens must be >= 0, got {p.max_tokens}"),
+        (p.temperature < 0, f"temperature must be >= 0, got {p.temperature}"),
+        (not 0 < p.top_p <= 1, f"top_p must lie in (0, 1], got {p.top_p}"),
+        (p.top_k < 0, f"top_k must be >= 0, got {p.top_k}"),
+        (
+            p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS,
+            f"logprobs must lie in [0, {MAX_LOGPROBS}], got {p.logprobs}",
+        ),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise InvalidRequest(message)

@@ -1,0 +1,107 @@
+"""Fixed-slot KV cache and the attention over it, shared by every model family.
+
+One pair of tensors per layer, `[rows, kv_heads, max_context, head_dim]`, allocated once: each
+batch row owns one cache row and its own position. A step writes its new keys/values in place
+(`index_copy_` at per-row positions) and attends over `cache[rows, :, :length]` with an explicit
+mask, so rows at different positions share one batched call. Knows nothing about requests,
+adapters or a model family's layer names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    layers: int
+    rows: int
+    kv_heads: int
+    max_context: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class StepIndex:
+    """Where one forward step reads and writes: cache rows `row0 .. row0+B`, new tokens at
+    `positions`, attention over the first `length` cache positions."""
+
+    row0: int
+    positions: torch.Tensor  # long [B, T]
+    write_index: torch.Tensor  # long [B*T*H]: flat index into a layer's [rows*H*max_context, D]
+    mask: torch.Tensor  # bool [B, 1, T, length]: True = attend
+    length: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row0, self.row0 + self.positions.shape[0])
+
+
+class KVCache:
+    def __init__(self, shape: CacheShape):
+        self.shape = shape
+        size = (shape.rows, shape.kv_heads, shape.max_context, shape.head_dim)
+        kw = {"dtype": shape.dtype, "device": shape.device}
+        self.k = [torch.zeros(size, **kw) for _ in range(shape.layers)]
+        self.v = [torch.zeros(size, **kw) for _ in range(shape.layers)]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: StepIndex) -> None:
+        """k, v: [B, T, H, D] (the projections' natural layout), written at step.positions."""
+        d = self.shape.head_dim
+        self.k[layer].view(-1, d).index_copy_(0, step.write_index, k.reshape(-1, d))
+        self.v[layer].view(-1, d).index_copy_(0, step.write_index, v.reshape(-1, d))
+
+    def read(self, layer: int, step: StepIndex) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [B, H, length, D] of the step's rows (no copy)."""
+        rows = step.rows
+        return self.k[layer][rows, :, : step.length], self.v[layer][rows, :, : step.length]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of cache row `src` into row `dst` (all layers)."""
+        if src == dst or length == 0:
+            return
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :length].copy_(k[src, :, :length])
+            v[dst, :, :length].copy_(v[src, :, :length])
+
+
+def step_index(shape: CacheShape, row0: int, positions: torch.Tensor) -> StepIndex:
+    """positions: long [B, T], absolute position of each new token of rows row0 .. row0+B."""
+    batch, _ = positions.shape
+    heads, ctx = shape.kv_heads, shape.max_context
+    rows = torch.arange(row0, row0 + batch, device=positions.device)
+    base = (rows[:, None, None] * heads + torch.arange(heads, device=positions.device)) * ctx
+    write_index = (base + positions[:, :, None]).reshape(-1)  # [B, T, H] -> [B*T*H]
+    length = int(positions.max()) + 1
+    keys = torch.arange(length, device=positions.device)
+    mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
+    return StepIndex(row0, positions, write_index, mask, length)
+
+
+def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, 1, T, L] -> [B, 1, G*T, L] for queries folded as (group, token); once per step."""
+    if groups == 1 or mask.shape[2] == 1:
+        return mask
+    b, _, t, length = mask.shape
+    return mask[:, :, None].expand(b, 1, groups, t, length).reshape(b, 1, groups * t, length)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Grouped-query attention over the cache without repeating keys.
+
+    q: [B, T, Hq, D]; k, v: [B, Hkv, L, D]; mask: group_mask(...) [B, 1, G*T, L].
+    Query head h*G + g uses key head h (transformers' repeat_kv order). Returns [B, T, Hq*D].
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qf = q.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+    o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G*T, D]
+    return o.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, hq * d)

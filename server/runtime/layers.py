@@ -1,0 +1,101 @@
+"""Small pure building blocks of the model runtimes: norms, rotary tables, activations, logits.
+
+Each matches the transformers implementation it replaces to fp32 rounding. Knows nothing about
+caches, requests or adapters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D]; normalised in fp32 like LlamaRMSNorm, weight applied in x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's "gelu_new", written out as transformers' NewGELUActivation."""
+    c = math.sqrt(2.0 / math.pi)
+    return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """[dim/2] inverse frequencies of the original RoPE."""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2], attention_scaling) exactly as transformers derives them.
+
+    Scaled types (linear, llama3, yarn, ...) use transformers' own init functions on the config;
+    `dynamic` (frequencies that change with the sequence length) is refused.
+    """
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return default_inv_freq(float(theta), head_dim), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("rope_type 'dynamic' changes with the sequence length: not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+def rope_tables(inv_freq: torch.Tensor, scaling: float, max_context: int):
+    """(cos, sin) [max_context, head_dim] for positions 0 .. max_context-1."""
+    positions = torch.arange(max_context, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, sin: [B, T, 1, D] (rows of the tables at each token's position)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def select_logits(h: torch.Tensor, head: torch.Tensor, which) -> torch.Tensor | None:
+    """h: [B, T, D]; head: [V, D]. which = "all" -> [B, T, V], "last" -> [B, V], "none" -> None,
+    or a long tensor [B] of each row's token index -> [B, V] (padded batches)."""
+    if isinstance(which, torch.Tensor):
+        h = h[torch.arange(h.shape[0], device=h.device), which]
+    elif which == "none":
+        return None
+    elif which == "last":
+        h = h[:, -1]
+    return F.linear(h, head)

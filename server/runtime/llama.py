@@ -1,0 +1,114 @@
+"""Own forward pass for the Llama family (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA,
+gated MLP, tied or separate head, every projection an `OWQLinear` called as `layer(x, slots)`.
+
+Built from a loaded checkpoint model (takes its tensors and OWQLinear modules, never calls its
+forward). Knows nothing about requests, scheduling or the adapter registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .kv_cache import CacheShape, KVCache, StepIndex, attention, group_mask
+from .layers import activation, apply_rope, rms_norm, rope_inv_freq, rope_tables, select_logits
+from .projection import SlotProjection, projections
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    act: str
+    max_positions: int
+
+    @classmethod
+    def from_config(cls, config) -> LlamaArgs:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            eps=config.rms_norm_eps,
+            act=config.hidden_act,
+            max_positions=config.max_position_embeddings,
+        )
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, hf_layer: nn.Module, args: LlamaArgs, index: int):
+        super().__init__()
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        wrap = SlotProjection
+        self.q, self.k = wrap(attn.q_proj), wrap(attn.k_proj)
+        self.v, self.o = wrap(attn.v_proj), wrap(attn.o_proj)
+        self.gate, self.up, self.down = wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj)
+        self.attn_norm = hf_layer.input_layernorm.weight
+        self.mlp_norm = hf_layer.post_attention_layernorm.weight
+        self.args, self.index = args, index
+        self.act = activation(args.act)
+        self.scale = args.head_dim**-0.5
+
+    def forward(self, x, rope, step: StepIndex, mask, cache: KVCache, slots):
+        # x: [B, T, E]; rope: (cos, sin) [B, T, 1, D]; mask: [B, 1, G*T, L]
+        b, t, _ = x.shape
+        a = self.args
+        h = rms_norm(x, self.attn_norm, a.eps)
+        q = apply_rope(self.q(h, slots).view(b, t, a.heads, a.head_dim), *rope)
+        k = apply_rope(self.k(h, slots).view(b, t, a.kv_heads, a.head_dim), *rope)
+        cache.write(self.index, k, self.v(h, slots), step)
+        keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
+        x = x + self.o(attention(q, keys, values, mask, self.scale), slots)
+        h = rms_norm(x, self.mlp_norm, a.eps)
+        return x + self.down(self.act(self.gate(h, slots)) * self.up(h, slots), slots)
+
+
+class LlamaRuntime(nn.Module):
+    """forward(tokens [B, T], step, cache, slots [B] | None, logits) -> logits or None."""
+
+    def __init__(self, hf_model: nn.Module, max_context: int):
+        super().__init__()
+        config = hf_model.config
+        self.args = a = LlamaArgs.from_config(config)
+        self.embed = hf_model.model.embed_tokens.weight
+        self.blocks = nn.ModuleList(
+            LlamaBlock(layer, a, i) for i, layer in enumerate(hf_model.model.layers)
+        )
+        self.norm = hf_model.model.norm.weight
+        self.head = hf_model.lm_head.weight
+        inv_freq, scaling = rope_inv_freq(config, a.head_dim)
+        cos, sin = rope_tables(inv_freq, scaling, max_context)
+        self.cos, self.sin = cos.to(self.embed), sin.to(self.embed)
+        self.max_context = max_context
+
+    def refresh_slot(self, slot: int) -> None:
+        for proj in projections(self):
+            proj.refresh(slot)
+
+    def cache_shape(self, rows: int) -> CacheShape:
+        a = self.args
+        return CacheShape(
+            a.layers, rows, a.kv_heads, self.max_context, a.head_dim, self.embed.dtype,
+            str(self.embed.device),
+        )  # fmt: skip
+
+    def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
+        x = self.embed[tokens]  # [B, T, E]
+        pos = step.positions
+        rope = (self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2))  # [B, T, 1, D]
+        mask = group_mask(step.mask, self.args.heads // self.args.kv_heads)
+        for block in self.blocks:
+            x = block(x, rope, step, mask, cache, slots)
+        return select_logits(rms_norm(x, self.norm, self.args.eps), self.head, logits)
+
+
+def build_llama(hf_model: nn.Module, max_context: int) -> LlamaRuntime:
+    with torch.no_grad():
+        return LlamaRuntime(hf_model, max_context)

@@ -1,0 +1,79 @@
+"""Token choice from logits: greedy, temperature, top-k, top-p, with one seeded generator per
+request (same seed -> same tokens whatever the batch), and log-probabilities with top-N.
+
+Pure functions of tensors and plain numbers; knows nothing about requests, tokenizers or caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits: [V] already divided by the temperature; top-k then top-p (nucleus), -inf outside."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above
+        drop = before > top_p
+        drop[0] = False
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_row(logits: torch.Tensor, params: RowSampling, generator: torch.Generator) -> int:
+    """logits: [V] float. One draw from the request's own generator (none for greedy)."""
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    scaled = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[RowSampling], generators: list[torch.Generator]
+) -> list[int]:
+    """logits: [B, V]. Greedy rows share one argmax; sampled rows draw one by one."""
+    chosen = torch.argmax(logits, dim=-1).tolist()
+    for row, p in enumerate(params):
+        if p.temperature > 0.0:
+            chosen[row] = sample_row(logits[row], p, generators[row])
+    return chosen
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    chosen: list[float]  # [B]
+    top_ids: list[list[int]]  # [B][N]
+    top_values: list[list[float]]  # [B][N]
+
+
+def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> TokenLogprobs:
+    """logits: [B, V]; chosen: long [B]. Log-softmax of the model's own distribution."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, chosen.view(-1, 1)).view(-1).tolist()
+    if top_n <= 0:
+        return TokenLogprobs(picked, [[] for _ in picked], [[] for _ in picked])
+    top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
+    return TokenLogprobs(picked, top.indices.tolist(), top.values.tolist())
