@@ -12,10 +12,20 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("owq.quantizer.eval_cli",)
+COMMANDS = (
+    "owq.quantizer.quantize_cli",
+    "owq.quantizer.eval_cli",
+    "owq.quantizer.tune_cli",
+    "owq.quantizer.adapters_cli",
+    "owq.server.cli",
+)
 
 EXAMPLES = """examples:
+  owq quantize default ckpt/owq-3.05 --target-bits 3.05   # OWQ 3-bit + fp16 weak columns
   owq eval default                       # perplexity of the built-in model on Persuasion
+  owq tune ckpt/owq-3 task.jsonl --out adapters/task   # weak column tuning -> adapter dir
+  owq adapters inspect adapters/task     # size, task, base fingerprint, training settings
+  owq serve ckpt/owq-3 --adapters adapters/   # OpenAI-compatible server on 127.0.0.1:8000
   owq <command> --help                   # examples for each command
 """
 

@@ -1,0 +1,134 @@
+"""`quantize(...)`: the one entry point that turns a float model into an OWQ checkpoint dir.
+
+Used by `owq quantize`, the benchmarks and `owq serve` (its default checkpoint). Steps: load the
+float model → round its unquantized parameters to fp16 (so calibration sees the stored model) →
+calibration windows → weak-column plan → block-by-block quantization → save (atomic) → bits and
+report. Knows the pipeline's modules; nothing about argument parsing or printing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from owq.kernels.bits import checkpoint_bits
+from owq.kernels.checkpoint import QuantConfig, round_unquantized, save_checkpoint
+from owq.kernels.families import family_of
+
+from .allocation import paper_bits
+from .calibration import calibration_windows, tokenize
+from .capture import capture_block_inputs
+from .driver import quantize_blocks
+from .plan import layer_shapes, weak_column_plan
+from .report import add_bits, build_report
+from .settings import QuantizeSettings
+
+log = logging.getLogger(__name__)
+
+
+def _settings(settings: QuantizeSettings | None, fields: dict) -> QuantizeSettings:
+    base = settings if settings is not None else QuantizeSettings()
+    return replace(base, **fields).resolved()
+
+
+def _load(model, tokenizer):
+    if isinstance(model, nn.Module):
+        return model.eval(), tokenizer, type(model).__name__
+    from owq.default_model import display_name, load_float_model
+
+    lm, tok = load_float_model(str(model))
+    return lm, tok, display_name(str(model))
+
+
+def _windows(settings: QuantizeSettings, tokenizer, calibration_ids) -> torch.Tensor:
+    if calibration_ids is None:
+        from .texts import calibration_text
+
+        if tokenizer is None:
+            raise ValueError("a tokenizer (or calibration_ids) is needed for calibration")
+        calibration_ids = tokenize(tokenizer, calibration_text(settings.calib))
+    return calibration_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
+
+
+def quantize(
+    model: str | os.PathLike | nn.Module = "default",
+    out: str | os.PathLike = "owq-checkpoint",
+    settings: QuantizeSettings | None = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    tokenizer=None,
+    calibration_ids: torch.Tensor | None = None,
+    **fields,
+) -> Path:
+    """Quantize `model` ('default', an HF dir, a GGUF file, or a loaded model) into `out`.
+
+    Settings come from `settings` and/or QuantizeSettings fields as keywords (method="owq",
+    wbits=3, weak_columns=8, ...). `calibration_ids` (int64 [N]) bypasses the text + tokenizer.
+    Returns the checkpoint dir. Raises FileExistsError if `out` exists and not `overwrite`.
+    """
+    settings = _settings(settings, fields)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output path {out} exists (use --overwrite to replace it)")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lm, tokenizer, name = _load(model, tokenizer)
+    family = family_of(lm.config)
+    round_unquantized(lm)
+    shapes = layer_shapes(lm, family)
+    seconds["load"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        windows = (
+            _windows(settings, tokenizer, calibration_ids) if settings.needs_calibration else None
+        )
+        ks = weak_column_plan(lm, family, settings, windows, progress)
+        seconds["plan"] = time.perf_counter() - t
+        t = time.perf_counter()
+        inputs = None
+        if windows is not None:
+            inputs = capture_block_inputs(lm, family, windows, settings.batch_size)
+        records = quantize_blocks(lm, family, settings, inputs, ks, progress)
+        del inputs
+    seconds["quantize"] = time.perf_counter() - t
+    report = build_report(
+        settings.to_dict(), name, records, seconds,
+        paper_bits(shapes, {r.name: r.weak_columns for r in records}, settings.wbits),
+    )  # fmt: skip
+    t = time.perf_counter()
+    save_checkpoint(lm, out, _quant_config(settings), tokenizer, report, overwrite=overwrite)
+    seconds["save"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+    _write_report(out, add_bits(report, checkpoint_bits(out)))
+    log.info("wrote %s in %.1fs", out, seconds["total"])
+    return out
+
+
+def _quant_config(settings: QuantizeSettings) -> QuantConfig:
+    extra = {
+        "target_bits": settings.target_bits,
+        "weak_columns": settings.weak_columns,
+        "allocation": settings.allocation,
+        "search": settings.search,
+        "act_order": settings.act_order,
+        "true_sequential": settings.true_sequential,
+    }
+    return QuantConfig(settings.wbits, settings.groupsize, settings.sym, settings.method, extra)
+
+
+def _write_report(out: Path, report: dict) -> None:
+    tmp = out / ".owq_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out / "owq_report.json")
+
+
+def read_report(checkpoint: str | os.PathLike) -> dict:
+    return json.loads((Path(checkpoint) / "owq_report.json").read_text())

@@ -1,0 +1,138 @@
+"""`owq quantize`: argument parsing and printing around `owq.quantizer.api.quantize`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  owq quantize default ckpt/owq-3.05 --method owq --wbits 3 --target-bits 3.05
+  owq quantize default ckpt/owq-k8 --method owq --wbits 3 --weak-columns 8
+  owq quantize default ckpt/owq-3.05-global --target-bits 3.05 --allocation global
+  owq quantize default ckpt/gptq-3 --method gptq --wbits 3
+  owq quantize default ckpt/gptq-3-ao-ts --method gptq --wbits 3 --act-order --true-sequential
+  owq quantize default ckpt/gptq-3-search --method gptq --wbits 3 --search
+  owq quantize default ckpt/owq-3.05-minmax --method owq --target-bits 3.05 --minmax
+  owq quantize default ckpt/rtn-4-g128 --method rtn --wbits 4 --groupsize 128
+  owq quantize path/to/hf_dir out/ --calib my_text.txt --nsamples 32 --seqlen 256 --overwrite
+  owq eval ckpt/owq-3.05 ckpt/gptq-3                 # then compare perplexities
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model with RTN, GPTQ or OWQ into a checkpoint dir",
+        description="Quantize MODEL block by block on calibration text and write OUT.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="'default', a local HF dir or a GGUF file")
+    p.add_argument("out", metavar="OUT", help="checkpoint dir to write (refused if it exists)")
+    p.add_argument("--method", choices=("rtn", "gptq", "owq"), default="owq")
+    p.add_argument("--wbits", type=int, default=3, help="2, 3 or 4 bits for the dense part")
+    k = p.add_mutually_exclusive_group()
+    k.add_argument(
+        "--target-bits",
+        type=float,
+        default=None,
+        help="OWQ average bit-width incl. fp16 weak columns (paper's t; default wbits + 0.05)",
+    )
+    k.add_argument("--weak-columns", type=int, default=None, help="OWQ: fixed k per layer")
+    p.add_argument(
+        "--allocation",
+        choices=("uniform", "global"),
+        default="uniform",
+        help="uniform: paper Appendix D.2; global: one sensitivity ranking across layers",
+    )
+    p.add_argument("--groupsize", type=int, default=-1, help="-1 (per channel), 32, 64 or 128")
+    p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending diag(H)")
+    p.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="H of each group of linears from the already-quantized earlier groups; one forward "
+        "per block instead of two (default: on for owq, off for gptq)",
+    )
+    p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    scales = p.add_mutually_exclusive_group()
+    scales.add_argument(
+        "--search",
+        dest="search",
+        action="store_const",
+        const=True,
+        default=None,
+        help="truncation grid search for scale/zero (default for owq)",
+    )
+    scales.add_argument(
+        "--minmax",
+        "--no-search",
+        dest="search",
+        action="store_const",
+        const=False,
+        help="min-max scale/zero (default for rtn and gptq)",
+    )
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ dampening, x mean diag(H)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
+    p.add_argument("--calib", default="austen", help="'austen' (five novels) or a text file")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (speed only)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def settings_from_args(args):
+    from owq.quantizer.settings import QuantizeSettings
+
+    return QuantizeSettings(
+        method=args.method,
+        wbits=args.wbits,
+        target_bits=args.target_bits,
+        weak_columns=args.weak_columns,
+        allocation=args.allocation,
+        groupsize=args.groupsize,
+        act_order=args.act_order,
+        true_sequential=args.true_sequential,
+        sym=args.sym,
+        search=args.search,
+        percdamp=args.percdamp,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        calib=args.calib,
+        batch_size=args.batch_size,
+    )
+
+
+def _check_paths(args) -> None:
+    from pathlib import Path
+
+    from owq.default_model import resolve_source
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"output path {args.out} exists (use --overwrite to replace it)")
+    resolve_source(args.model)  # ModelMissing (one line) before any heavy import
+    if args.calib != "austen" and not Path(args.calib).is_file():
+        raise FileNotFoundError(f"calibration text {args.calib} does not exist")
+
+
+def run(args) -> int:
+    settings = settings_from_args(args).resolved()  # ValueError: one line, exit 2
+    _check_paths(args)
+    from transformers.utils import logging as hf_logging
+
+    from owq.quantizer.api import quantize, read_report
+
+    hf_logging.disable_progress_bar()  # our own bars per block; keeps errors to one line
+    from owq.quantizer.report import summary_table
+
+    out = quantize(
+        args.model, args.out, settings, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(summary_table(read_report(out)))
+    print(f"wrote {out}")
+    return 0

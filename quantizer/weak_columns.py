@@ -1,0 +1,47 @@
+"""OWQ weak columns: sensitivity_j = λ_j·‖W_:,j − Q(W)_:,j‖² (paper Eq. 6) and the top-k choice.
+
+Pure tensor maths on one weight matrix and its Hessian diagonal; knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .search import fit_group_params
+
+
+def column_sensitivity(
+    W: torch.Tensor,
+    H_diag: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    search: bool,
+) -> torch.Tensor:
+    """sensitivity_j = λ_j·‖ΔW_:,j‖² with λ = diag(H), Q the layer's own grid (Eq. 6); [in]."""
+    W = W.to(torch.float32)
+    scale, zero = fit_group_params(W, bits, group_size, sym, search)  # [G, out]
+    size = W.shape[1] if group_size == -1 else group_size
+    groups = torch.arange(W.shape[1]) // size
+    s, z = scale[groups].t(), zero[groups].t()  # [out, in]
+    Q = (torch.clamp(torch.round(W / s) + z, 0, 2**bits - 1) - z) * s
+    return H_diag.to(torch.float32) * (W - Q).square().sum(0)
+
+
+def select_weak_columns(sensitivity: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (sorted, int64) of the k most sensitive columns; ties go to the lower index."""
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    order = torch.sort(sensitivity, descending=True, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def processing_order(H_diag: torch.Tensor, weak: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """Column order for GPTQ: non-weak columns (by descending λ with act-order), weak ones last."""
+    in_f = H_diag.numel()
+    is_weak = torch.zeros(in_f, dtype=torch.bool)
+    is_weak[weak] = True
+    rest = torch.arange(in_f)[~is_weak]
+    if act_order:
+        rest = rest[torch.sort(H_diag[rest], descending=True, stable=True).indices]
+    return torch.cat([rest, weak.to(torch.long)])
