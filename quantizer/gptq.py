@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from owq.kernels.grid import round_to_codes
+
 BLOCK_SIZE = 128
 Refit = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (first col, block)
 
@@ -61,7 +63,6 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     Hinv = damped_inverse_cholesky(H, percdamp)
-    maxq = 2**bits - 1
     out_f = W.shape[0]
     codes = torch.zeros(out_f, n_quant, dtype=torch.int64)
     loss = torch.zeros(out_f)
@@ -78,9 +79,9 @@ def gptq(
                 zero[:, col : col + group_size] = z[:, None]
             w, d = W1[:, i], Hinv1[i, i]
             s, z = scale[:, col], zero[:, col]
-            c = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            c = round_to_codes(w, s, z, bits)
             q = (c - z) * s
-            codes[:, col] = c.to(torch.int64)
+            codes[:, col] = c
             err = (w - q) / d
             loss += err.square() / 2
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from owq.kernels import OWQLinear
+from owq.kernels.grid import round_to_codes
 
 from .gptq import gptq
 from .hessian import output_energy, output_error
@@ -68,8 +69,7 @@ def rtn_linear(weight: torch.Tensor, settings: QuantizeSettings) -> LayerResult:
     bits, gs = settings.wbits, settings.groupsize
     scales, zeros = fit_group_params(W, bits, gs, settings.sym, bool(settings.search))
     g = group_index(W.shape[1], gs)
-    codes = torch.clamp(torch.round(W / scales[g].t()) + zeros[g].t(), 0, 2**bits - 1)
-    codes = codes.to(torch.int64)
+    codes = round_to_codes(W, scales[g].t(), zeros[g].t(), bits)
     empty = torch.empty(0, dtype=torch.long)
     none = torch.empty(W.shape[0], 0)
     W_hat = dequantized(codes, scales, zeros, gs, empty, none)

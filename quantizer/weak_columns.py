@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from owq.kernels.grid import fake_quantize
+
 from .search import fit_group_params
 
 
@@ -24,7 +26,7 @@ def column_sensitivity(
     size = W.shape[1] if group_size == -1 else group_size
     groups = torch.arange(W.shape[1]) // size
     s, z = scale[groups].t(), zero[groups].t()  # [out, in]
-    Q = (torch.clamp(torch.round(W / s) + z, 0, 2**bits - 1) - z) * s
+    Q = fake_quantize(W, s, z, bits)
     return H_diag.to(torch.float32) * (W - Q).square().sum(0)
 
 
