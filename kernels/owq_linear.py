@@ -15,7 +15,7 @@ from torch import nn
 
 from . import reference
 from .grid import minmax_scale_zero, round_to_codes
-from .packing import check_layout, num_groups, pack_codes, pack_zeros
+from .packing import check_layout, dequantize, num_groups, pack_codes, pack_zeros
 
 
 class OWQLinear(nn.Module):
@@ -190,9 +190,7 @@ class OWQLinear(nn.Module):
         cache = self._dense_cache
         if cache is not None and cache.dtype == dtype and cache.device == self.qweight.device:
             return cache
-        w = reference.dequantize(
-            self.qweight, self.scales, self.qzeros, self.bits, self.group_size, dtype
-        )
+        w = dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, dtype)
         w = w.t().contiguous()
         if not w.is_cuda:
             self._dense_cache = w

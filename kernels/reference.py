@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import dequantize  # noqa: F401  (re-exported for callers of the twin)
+from .packing import dequantize
 
 
 def weak_columns_product(
