@@ -15,7 +15,15 @@ from torch import nn
 
 from . import reference
 from .grid import minmax_scale_zero, round_to_codes
-from .packing import check_layout, dequantize, num_groups, pack_codes, pack_zeros
+from .packing import (
+    check_layout,
+    dequantize,
+    num_groups,
+    pack_codes,
+    pack_zeros,
+    unpack_codes,
+    unpack_zeros,
+)
 
 
 class OWQLinear(nn.Module):
@@ -185,16 +193,28 @@ class OWQLinear(nn.Module):
     def invalidate_cache(self) -> None:
         self._dense_cache = None
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized dense part as [out, in] in `dtype` (cached on the CPU)."""
-        cache = self._dense_cache
-        if cache is not None and cache.dtype == dtype and cache.device == self.qweight.device:
-            return cache
+    def dense_weight(self, dtype: torch.dtype, cache: bool = True) -> torch.Tensor:
+        """Dequantized dense part as [out, in] in `dtype` (weak columns 0); cached on the CPU
+        unless `cache` is False (then always a new tensor)."""
+        kept = self._dense_cache
+        if cache and kept is not None and (kept.dtype, kept.device) == (dtype, self.qweight.device):
+            return kept
         w = dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, dtype)
         w = w.t().contiguous()
-        if not w.is_cuda:
+        if cache and not w.is_cuda:
             self._dense_cache = w
         return w
+
+    def channel_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(codes int8 [out, in], scale fp32 [out]) with dense part = codes * scale[:, None],
+        for a layer with one group (per-output-channel scales); None for grouped layers.
+        Codes are centred (q - z, within ±(2^bits - 1)); weak columns are 0."""
+        if self.group_size != -1:
+            return None
+        codes = unpack_codes(self.qweight, self.bits)  # [in, out]
+        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)[0]  # [out]
+        centred = (codes - zeros).t().to(torch.int8).contiguous()
+        return centred, self.scales[0].float()
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, ..., in]; slots: int [B] adapter slot per leading row (None = slot 0)."""

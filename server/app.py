@@ -1,8 +1,9 @@
 """The FastAPI app factory: `create_app(engine, settings)` wires routes, errors, limits, metrics.
 
-The app owns no model: it drives an `Engine` (server/protocol.py) and, through its lifespan,
-starts the engine's model thread and stops it at shutdown. Each app has its own Prometheus
-registry, so several apps (tests) can live in one process.
+The app owns no model: it drives an `Engine` (server/protocol.py); with `start_engine` its
+lifespan starts the engine's model thread and stops it at shutdown (`owq serve` instead runs the
+model loop on the main thread itself). Each app has its own Prometheus registry, so several apps
+(tests) can live in one process.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def create_app(
             ctx.draining = True
             if settings.start_engine:
                 await engine.stop()
-            log.info("engine stopped")
+                log.info("engine stopped")
 
     app = FastAPI(title="owq", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ def add_parser(sub) -> None:
         help="JSON key table (see below); without it the server is open",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--cpu-decode",
+        choices=("int8", "fp32"),
+        default="int8",
+        help="CPU kernel for small batches: weight-only int8 with bf16 activations (fast) or "
+        "the fp32 dense GEMM as offline (`owq eval`); prefill is always fp32",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     p.add_argument(
         "--no-preload",
@@ -95,7 +103,10 @@ def build_settings(args):
 
     keys = KeyTable.from_file(args.api_keys) if args.api_keys else None
     return ServerSettings(
-        max_body_bytes=args.max_body_bytes, keys=keys, preload_adapters=not args.no_preload
+        max_body_bytes=args.max_body_bytes,
+        keys=keys,
+        preload_adapters=not args.no_preload,
+        start_engine=False,  # run() drives the model loop on the main thread
     )
 
 
@@ -109,6 +120,7 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         max_queue=args.max_queue,
         device=args.device,
         observer=observer,
+        int8_decode=args.cpu_decode == "int8",
     )
 
 
@@ -128,29 +140,47 @@ def run(args) -> int:
         args.port,
     )
     metrics = ServerMetrics()
-    app = create_app(build_engine(ckpt, adapters, args, metrics), settings, metrics)
+    engine = build_engine(ckpt, adapters, args, metrics)
     config = uvicorn.Config(
-        app,
+        create_app(engine, settings, metrics),
         host=args.host,
         port=args.port,
         workers=1,
         log_level=logging.getLevelName(logging.getLogger().level).lower(),
         timeout_graceful_shutdown=30,
     )
-    serve(uvicorn.Server(config))
-    return 0
+    return serve(uvicorn.Server(config), engine)
 
 
-def serve(server) -> None:
-    """Run uvicorn until SIGINT/SIGTERM; it drains open requests, stops the engine, returns.
+def serve(server, engine) -> int:
+    """uvicorn on a helper thread, the model loop on the main thread, until SIGINT/SIGTERM.
 
-    uvicorn re-raises the signal it caught after its graceful shutdown; a finished shutdown is a
-    clean exit (status 0), so SIGTERM is neutralised and the re-raised SIGINT swallowed here.
+    The main thread owns the model because MKL runs GEMMs single-threaded on threads other than
+    the first ones that used it (batch-1 decode ran at half speed on a model thread). A signal
+    asks uvicorn to shut down gracefully (a second one forces it); open requests drain while the
+    model loop keeps running, then the loop stops. Exit status 0 after a clean shutdown, 1 if
+    uvicorn could not start (e.g. the port is taken).
     """
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.request_stop()
+
+    def on_signal(*_) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="owq-http", daemon=True)
     try:
-        server.run()
-    except KeyboardInterrupt:
-        log.info("stopped")
+        thread.start()
+        engine.run_forever()
+        thread.join()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+    return 0 if server.started else 1

@@ -52,6 +52,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
+    int8_decode: bool = True  # CPU: weight-only int8 kernel for small batches (projection.py)
 
     @property
     def slots(self) -> int:
@@ -103,6 +104,9 @@ class Engine:
             observer, config.device,
         )  # fmt: skip
         self._thread: threading.Thread | None = None
+        self._running = threading.Event()  # a thread is inside run_forever
+        self._stopped = threading.Event()
+        self._stopped.set()
         self._stopping = threading.Event()
         self._ready = threading.Event()
 
@@ -119,10 +123,14 @@ class Engine:
         model_name: str | None = None,
         max_context: int = 2048,
         prefill_chunk: int = 256,
+        int8_decode: bool = True,
     ) -> Engine:
         from transformers import AutoTokenizer
 
-        config = EngineConfig(max_batch, max_queue, num_slots, max_context, prefill_chunk, device)
+        config = EngineConfig(
+            max_batch, max_queue, num_slots, max_context, prefill_chunk, device,
+            int8_decode=int8_decode,
+        )  # fmt: skip
         model = load_checkpoint(ckpt_dir, config.compute_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         name = model_name or Path(ckpt_dir).resolve().name
@@ -130,22 +138,42 @@ class Engine:
 
     # lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        """Run the model loop in a new thread (tests, embedding). `owq serve` calls
+        `run_forever` on the main thread instead: MKL runs its GEMMs single-threaded in threads
+        other than the first ones that used it, which halves batch-1 decode speed."""
+        if self._thread is not None or self._running.is_set():
             return
-        self._thread = threading.Thread(target=self._run, name="owq-model", daemon=True)
+        self._stopped.clear()
+        self._thread = threading.Thread(target=self.run_forever, name="owq-model", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        if self._thread is None:
-            return
+    def run_forever(self) -> None:
+        """The model loop, in the calling thread, until `request_stop()` or `stop()`."""
+        self._stopped.clear()
+        self._running.set()
+        try:
+            self._run()
+        finally:
+            self._ready.clear()
+            self._running.clear()
+            self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Ask the model loop to end (from any thread); it fails what is left and returns."""
         self._stopping.set()
         self.scheduler.wake()
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
-        self._ready.clear()
+
+    async def stop(self) -> None:
+        if self._thread is None and not self._running.is_set():
+            return
+        self.request_stop()
+        await asyncio.to_thread(self._stopped.wait)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
     def ready(self) -> bool:
-        return self._ready.is_set() and self._thread is not None and self._thread.is_alive()
+        return self._ready.is_set() and self._running.is_set()
 
     def set_observer(self, observer: EngineObserver | None) -> None:
         """Attach the metrics hooks after construction (the app may build them later)."""
@@ -228,10 +256,8 @@ class Engine:
             self.scheduler.report()
 
     def _warm_up(self) -> None:
-        """Dequantize every layer's dense cache and run one token, before reporting ready."""
-        dtype = self.config.compute_dtype
-        for layer in owq_layers(self.hf_model).values():
-            layer.dense_weight(dtype)
+        """Build the runtime's fused weights and run one token, before reporting ready."""
+        self.runtime.prepare(self.config.int8_decode)
         device = self.config.device
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = step_index(self.cache.shape, 0, positions)

@@ -8,6 +8,7 @@ perturbations of the base's weak columns). Everything is built here, nothing is 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -15,7 +16,8 @@ from tiny_models import rtn_swap, tiny_config
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from owq.kernels.adapters import Adapter, adapter_from_model, save_adapter
+from owq.kernels import OWQLinear
+from owq.kernels.adapters import Adapter, adapter_from_model, apply_adapter, save_adapter
 from owq.kernels.checkpoint import QuantConfig, load_checkpoint, save_checkpoint
 
 VOCAB = 128
@@ -56,7 +58,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_quantized_model(kind: str = "llama", seed: int = 0):
+def tiny_quantized_model(kind: str = "llama", seed: int = 0, group_size: int = GROUP):
     """A tiny random model (128-token vocab, EOS = 0) with every linear an RTN OWQLinear."""
     config = tiny_config(kind)
     config.vocab_size = VOCAB
@@ -64,7 +66,7 @@ def tiny_quantized_model(kind: str = "llama", seed: int = 0):
     config.initializer_range = config.init_std = INIT_STD  # peaked logits: outputs that differ
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    return rtn_swap(model, BITS, GROUP, WEAK, seed=seed)
+    return rtn_swap(model, BITS, group_size, WEAK, seed=seed)
 
 
 def random_adapter(model, name: str, seed: int, scale: float = 2.0) -> Adapter:
@@ -77,13 +79,30 @@ def random_adapter(model, name: str, seed: int, scale: float = 2.0) -> Adapter:
     return adapter
 
 
+def install_slots(model, adapters: list[Adapter]) -> list:
+    """Resize every layer's slot table to len(adapters) and write adapter i into slot i + 1;
+    returns [model, model with adapter 1 merged, ...] (copies) as the per-slot references."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, OWQLinear)}
+    for layer in layers.values():
+        layer.resize_slots(len(adapters))
+    merged = [model]
+    for slot, adapter in enumerate(adapters, start=1):
+        for name, cols in adapter.columns.items():
+            layers[name].set_slot(slot, cols)
+        copied = copy.deepcopy(model)
+        apply_adapter(copied, adapter)
+        merged.append(copied)
+    return merged
+
+
 def build_tiny_server_assets(
-    tmp_path: str | Path, kind: str = "llama", num_adapters: int = 3
+    tmp_path: str | Path, kind: str = "llama", num_adapters: int = 3, group_size: int = GROUP
 ) -> tuple[Path, Path]:
     """(ckpt_dir, adapters_dir) under tmp_path; adapters are named adapter-0 .. adapter-{n-1}."""
     tmp_path = Path(tmp_path)
+    model = tiny_quantized_model(kind, group_size=group_size)
     ckpt = save_checkpoint(
-        tiny_quantized_model(kind), tmp_path / "ckpt", QuantConfig(BITS, GROUP), tiny_tokenizer()
+        model, tmp_path / "ckpt", QuantConfig(BITS, group_size), tiny_tokenizer()
     )
     base = load_checkpoint(ckpt)
     adapters = tmp_path / "adapters"

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from engine_fixtures import build_tiny_server_assets, random_adapter
+from engine_fixtures import build_tiny_server_assets, install_slots, random_adapter
 
 from owq.kernels.adapters import apply_adapter
 from owq.kernels.checkpoint import load_checkpoint
@@ -74,26 +74,39 @@ def test_rows_at_different_positions_in_one_decode_step(hf_model):
 def test_per_row_adapter_slots_match_merged_adapters(hf_model):
     """Rows with slots 0, 1, 2 equal the model with each adapter applied to its own columns."""
     adapters = [random_adapter(hf_model, f"a{i}", seed=i) for i in (1, 2)]
-    merged = []
-    for adapter in adapters:
-        model = copy.deepcopy(hf_model)
-        apply_adapter(model, adapter)
-        merged.append(model)
-    layers = owq_layers(hf_model)
-    for layer in layers.values():
-        layer.resize_slots(2)
-    for slot, adapter in enumerate(adapters, start=1):
-        for name, cols in adapter.columns.items():
-            layers[name].set_slot(slot, cols)
+    models = install_slots(hf_model, adapters)
     rt = build_runtime(hf_model, 64)
     cache = KVCache(rt.cache_shape(3))
     tokens = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(3))
     out = run(rt, cache, tokens, 0, 0, slots=torch.tensor([0, 1, 2]))
-    models = [hf_model, *merged]
     for row, model in enumerate(models):
         ref = reference(model, tokens[row : row + 1])[0]
         torch.testing.assert_close(out[row], ref, atol=ATOL, rtol=0)
     assert not torch.allclose(out[1], out[0], atol=1e-2)  # the adapters do change the outputs
+
+
+def test_slot_rewritten_after_first_step_single_row(hf_model):
+    """A slot rewritten after the runtime fused its weights (hot swap) reaches a lone row on that
+    slot; the fused weight is the only dense copy (the layers' own caches are dropped)."""
+    model = copy.deepcopy(hf_model)
+    layers = owq_layers(model)
+    for layer in layers.values():
+        layer.resize_slots(3)
+    rt = build_runtime(model, 64)
+    cache = KVCache(rt.cache_shape(1))
+    tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for seed in (7, 8):
+        adapter = random_adapter(hf_model, f"a{seed}", seed=seed)
+        for name, cols in adapter.columns.items():
+            layers[name].set_slot(3, cols)
+        rt.refresh_slot(3)
+        merged = copy.deepcopy(hf_model)
+        apply_adapter(merged, adapter)
+        outs.append(run(rt, cache, tokens, 0, 0, slots=torch.tensor([3])))
+        torch.testing.assert_close(outs[-1], reference(merged, tokens), atol=ATOL, rtol=0)
+        assert all(layer._dense_cache is None for layer in layers.values())
+    assert not torch.allclose(outs[0], outs[1], atol=1e-2)
 
 
 def test_cache_rows_move(hf_model):

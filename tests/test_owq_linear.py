@@ -67,6 +67,22 @@ def test_weak_rows_of_dense_part_are_exactly_zero():
     assert bool((dense[:, others] != 0).any())
 
 
+@pytest.mark.parametrize("bits,group_size", [(2, -1), (3, -1), (4, -1), (3, 32)])
+def test_channel_codes_times_scale_is_the_dense_part(bits, group_size):
+    layer, _, _ = build(bits, group_size, k=8, bias=False)
+    dense = layer.dense_weight(torch.float32, cache=False)
+    assert layer._dense_cache is None
+    found = layer.channel_codes()
+    if group_size != -1:
+        assert found is None  # per-group scales: no per-channel form
+        return
+    codes, scale = found
+    assert codes.dtype == torch.int8 and codes.shape == (OUT, IN)
+    assert int(codes.abs().max()) <= 2**bits - 1
+    assert bool((codes[:, layer.outlier_idx.long()] == 0).all())
+    torch.testing.assert_close(codes.float() * scale[:, None], dense, rtol=0, atol=0)
+
+
 def test_outlier_idx_sorted_unique_and_oweight_follows():
     layer, dense, _ = build(k=8)
     idx = layer.outlier_idx.long()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .kv_cache import CacheShape, KVCache, StepIndex, attention, group_mask
 from .layers import activation, apply_rope, rms_norm, rope_inv_freq, rope_tables, select_logits
-from .projection import SlotProjection, projections
+from .projection import SlotProjection, prepare_projections, projections
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,10 @@ class LlamaBlock(nn.Module):
     def __init__(self, hf_layer: nn.Module, args: LlamaArgs, index: int):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        wrap = SlotProjection
-        self.q, self.k = wrap(attn.q_proj), wrap(attn.k_proj)
-        self.v, self.o = wrap(attn.v_proj), wrap(attn.o_proj)
-        self.gate, self.up, self.down = wrap(mlp.gate_proj), wrap(mlp.up_proj), wrap(mlp.down_proj)
+        self.qkv = SlotProjection(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.o = SlotProjection(attn.o_proj)
+        self.gate_up = SlotProjection(mlp.gate_proj, mlp.up_proj)
+        self.down = SlotProjection(mlp.down_proj)
         self.attn_norm = hf_layer.input_layernorm.weight
         self.mlp_norm = hf_layer.post_attention_layernorm.weight
         self.args, self.index = args, index
@@ -61,13 +61,15 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        q = apply_rope(self.q(h, slots).view(b, t, a.heads, a.head_dim), *rope)
-        k = apply_rope(self.k(h, slots).view(b, t, a.kv_heads, a.head_dim), *rope)
-        cache.write(self.index, k, self.v(h, slots), step)
+        q, k, v = self.qkv(h, slots).split(self.qkv.sizes, dim=-1)
+        q = apply_rope(q.view(b, t, a.heads, a.head_dim), *rope)
+        k = apply_rope(k.view(b, t, a.kv_heads, a.head_dim), *rope)
+        cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
         x = x + self.o(attention(q, keys, values, mask, self.scale), slots)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        return x + self.down(self.act(self.gate(h, slots)) * self.up(h, slots), slots)
+        gate, up = self.gate_up(h, slots).split(self.gate_up.sizes, dim=-1)
+        return x + self.down(self.act(gate) * up, slots)
 
 
 class LlamaRuntime(nn.Module):
@@ -91,6 +93,11 @@ class LlamaRuntime(nn.Module):
     def refresh_slot(self, slot: int) -> None:
         for proj in projections(self):
             proj.refresh(slot)
+
+    def prepare(self, int8: bool = True) -> None:
+        """Fuse every projection's weights in the compute dtype, with the int8 decode kernel
+        where it applies (see projection.py); before the first step."""
+        prepare_projections(self, self.embed.dtype, int8)
 
     def cache_shape(self, rows: int) -> CacheShape:
         a = self.args

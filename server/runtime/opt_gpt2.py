@@ -2,7 +2,7 @@
 every projection an `OWQLinear` called as `layer(x, slots)` (GPT-2's Conv1D already swapped).
 
 OPT: positions offset by 2, optional project_in/out, `do_layer_norm_before` (pre- or post-norm).
-GPT-2: fused c_attn split into q, k, v; optional 1/(layer+1) attention scaling. Built from a
+GPT-2: c_attn's output split into q, k, v; optional 1/(layer+1) attention scaling. Built from a
 loaded checkpoint model (its tensors and modules, never its forward). Knows nothing about
 requests, scheduling or the adapter registry.
 """
@@ -16,7 +16,7 @@ from torch import nn
 
 from .kv_cache import CacheShape, KVCache, StepIndex, attention
 from .layers import activation, layer_norm, select_logits
-from .projection import SlotProjection, projections
+from .projection import SlotProjection, prepare_projections, projections
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,6 @@ class BlockArgs:
     act: str
     pre_norm: bool
     scale: float
-    fused_qkv: bool
 
 
 class NormMLPBlock(nn.Module):
@@ -34,7 +33,7 @@ class NormMLPBlock(nn.Module):
 
     def __init__(self, attn_proj, out_proj, fc1, fc2, norms, args: BlockArgs, index: int):
         super().__init__()
-        self.qkv = nn.ModuleList(SlotProjection(p) for p in attn_proj)  # [c_attn] or [q, k, v]
+        self.qkv = SlotProjection(*attn_proj)  # [c_attn] or [q, k, v]: one fused product
         self.out = SlotProjection(out_proj)
         self.fc1, self.fc2 = SlotProjection(fc1), SlotProjection(fc2)
         self.norm1, self.norm2 = norms  # LayerNorm modules (weights read, forward never called)
@@ -44,17 +43,12 @@ class NormMLPBlock(nn.Module):
     def _norm(self, x, ln):
         return layer_norm(x, ln.weight, ln.bias, ln.eps)
 
-    def _project_qkv(self, h, slots):
-        if self.args.fused_qkv:
-            return self.qkv[0](h, slots).chunk(3, dim=-1)
-        return tuple(proj(h, slots) for proj in self.qkv)
-
     def forward(self, x, step: StepIndex, mask, cache: KVCache, slots):
         # x: [B, T, E]; mask: [B, 1, T, L]
         b, t, _ = x.shape
         a = self.args
         h = self._norm(x, self.norm1) if a.pre_norm else x
-        q, k, v = self._project_qkv(h, slots)
+        q, k, v = self.qkv(h, slots).chunk(3, dim=-1)
         cache.write(self.index, k, v.contiguous(), step)
         keys, values = cache.read(self.index, step)
         q = q.reshape(b, t, a.heads, a.head_dim)
@@ -84,6 +78,11 @@ class NormMLPRuntime(nn.Module):
         for proj in projections(self):
             proj.refresh(slot)
 
+    def prepare(self, int8: bool = True) -> None:
+        """Fuse every projection's weights in the compute dtype, with the int8 decode kernel
+        where it applies (see projection.py); before the first step."""
+        prepare_projections(self, self.embed.dtype, int8)
+
     def cache_shape(self, rows: int) -> CacheShape:
         return CacheShape(
             len(self.blocks), rows, self.kv_heads, self.max_context, self.head_dim,
@@ -110,9 +109,8 @@ def _opt_block(layer, config, index: int) -> NormMLPBlock:
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     args = BlockArgs(
-        heads, head_dim, config.activation_function, config.do_layer_norm_before,
-        head_dim**-0.5, fused_qkv=False,
-    )  # fmt: skip
+        heads, head_dim, config.activation_function, config.do_layer_norm_before, head_dim**-0.5
+    )
     norms = (layer.self_attn_layer_norm, layer.final_layer_norm)
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
     return NormMLPBlock(projs, attn.out_proj, layer.fc1, layer.fc2, norms, args, index)
@@ -139,10 +137,7 @@ def _gpt2_block(layer, config, index: int) -> NormMLPBlock:
     scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
     if config.scale_attn_by_inverse_layer_idx:
         scale /= float(index + 1)
-    args = BlockArgs(
-        heads, head_dim, config.activation_function, True, scale,
-        fused_qkv=True,
-    )  # fmt: skip
+    args = BlockArgs(heads, head_dim, config.activation_function, True, scale)
     norms = (layer.ln_1, layer.ln_2)
     attn, mlp = layer.attn, layer.mlp
     return NormMLPBlock([attn.c_attn], attn.c_proj, mlp.c_fc, mlp.c_proj, norms, args, index)
