@@ -47,6 +47,7 @@ class LlamaBlock(nn.Module):
         super().__init__()
         attn, mlp = hf_layer.self_attn, hf_layer.mlp
         self.qkv = SlotProjection(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qk_size = self.qkv.sizes[0] + self.qkv.sizes[1]
         self.o = SlotProjection(attn.o_proj)
         self.gate_up = SlotProjection(mlp.gate_proj, mlp.up_proj)
         self.down = SlotProjection(mlp.down_proj)
@@ -61,9 +62,9 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        q, k, v = self.qkv(h, slots).split(self.qkv.sizes, dim=-1)
-        q = apply_rope(q.view(b, t, a.heads, a.head_dim), *rope)
-        k = apply_rope(k.view(b, t, a.kv_heads, a.head_dim), *rope)
+        qk, v = self.qkv(h, slots).split([self.qk_size, self.qkv.sizes[2]], dim=-1)
+        qk = apply_rope(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), *rope)  # q, k at once
+        q, k = qk.split([a.heads, a.kv_heads], dim=2)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
         x = x + self.o(attention(q, keys, values, mask, self.scale), slots)
