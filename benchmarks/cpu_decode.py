@@ -1,9 +1,9 @@
-"""The CPU decode kernels of the server runtime on the default checkpoint: fp32 dense vs int8.
+"""The CPU decode kernels of the server runtime on the default checkpoint: fp32 dense vs int4.
 
-`server/runtime/projection.py` runs small batches (decode) on weight-only int8 codes with bf16
-activations and everything else on the fp32 dense weight. This measures what that buys and costs,
+`server/runtime/projection.py` runs decode steps on the codes repacked as 4-bit (bf16
+activations) and everything else on the fp32 dense weight. This measures what that buys and costs,
 on the runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows; teacher-forced perplexity
-on Persuasion where every token goes through a one-token decode step (so the int8 kernel scores
+on Persuasion where every token goes through a one-token decode step (so the 4-bit kernel scores
 every token); and greedy agreement, the share of generated tokens equal to the fp32 run's.
 
   python benchmarks/cpu_decode.py                      # default checkpoint, ~3 minutes
@@ -33,13 +33,13 @@ PROMPTS = [
 ]
 
 
-def build(ckpt: Path, int8: bool, rows: int):
+def build(ckpt: Path, packed: bool, rows: int):
     from owq.kernels.checkpoint import load_checkpoint
     from owq.server.runtime import KVCache, build_runtime
 
     model = load_checkpoint(ckpt, torch.float32, "cpu")
     runtime = build_runtime(model, 2048)
-    runtime.prepare(int8=int8)
+    runtime.prepare(packed=packed)
     return runtime, KVCache(runtime.cache_shape(rows))
 
 
@@ -80,8 +80,8 @@ def greedy(runtime, cache, prompt: list[int], new: int) -> list[int]:
     return out
 
 
-def measure(ckpt: Path, int8: bool, ids: list[int], prompts: list[list[int]], new: int) -> dict:
-    runtime, cache = build(ckpt, int8, 16)
+def measure(ckpt: Path, packed: bool, ids: list[int], prompts: list[list[int]], new: int) -> dict:
+    runtime, cache = build(ckpt, packed, 16)
     with torch.inference_mode():
         lat = {rows: latency_ms(runtime, cache, rows) for rows in (1, 4, 16)}
         ppl = decode_perplexity(runtime, cache, ids)
@@ -121,14 +121,14 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok(eval_text("persuasion")[:20000]).input_ids[: args.tokens]
     prompts = [tok(p).input_ids for p in PROMPTS]
-    runs = {k: measure(ckpt, k == "int8", ids, prompts, args.new) for k in ("fp32", "int8")}
-    share, first = agreement(runs["fp32"]["greedy"], runs["int8"]["greedy"])
+    runs = {k: measure(ckpt, k == "int4", ids, prompts, args.new) for k in ("fp32", "int4")}
+    share, first = agreement(runs["fp32"]["greedy"], runs["int4"]["greedy"])
     print(f"{'kernel':8} {'1 row ms':>9} {'4 rows ms':>10} {'16 rows ms':>11} {'decode ppl':>11}")
     for name, r in runs.items():
         lat = r["latency_ms"]
         print(f"{name:8} {lat[1]:9.1f} {lat[4]:10.1f} {lat[16]:11.1f} {r['decode_ppl']:11.3f}")
-    speed = runs["fp32"]["latency_ms"][1] / runs["int8"]["latency_ms"][1]
-    print(f"int8 vs fp32 at 1 row: {speed:.2f}x faster; greedy tokens equal: {100 * share:.1f}% "
+    speed = runs["fp32"]["latency_ms"][1] / runs["int4"]["latency_ms"][1]
+    print(f"int4 vs fp32 at 1 row: {speed:.2f}x faster; greedy tokens equal: {100 * share:.1f}% "
           f"(first difference at token {first:.1f} of {args.new} on average)")  # fmt: skip
     result = {
         "checkpoint": str(ckpt),

@@ -205,16 +205,15 @@ class OWQLinear(nn.Module):
             self._dense_cache = w
         return w
 
-    def channel_codes(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(codes int8 [out, in], scale fp32 [out]) with dense part = codes * scale[:, None],
-        for a layer with one group (per-output-channel scales); None for grouped layers.
-        Codes are centred (q - z, within ±(2^bits - 1)); weak columns are 0."""
+    def channel_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(codes int32 [out, in] in [0, 2^bits), zeros int32 [out], scale fp32 [out]) with
+        dense part = (codes - zeros[:, None]) * scale[:, None], for a layer with one group
+        (per-output-channel scales); None for grouped layers. Weak columns hold their zero."""
         if self.group_size != -1:
             return None
-        codes = unpack_codes(self.qweight, self.bits)  # [in, out]
-        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)[0]  # [out]
-        centred = (codes - zeros).t().to(torch.int8).contiguous()
-        return centred, self.scales[0].float()
+        codes = unpack_codes(self.qweight, self.bits).t().to(torch.int32).contiguous()
+        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)[0].to(torch.int32)
+        return codes, zeros, self.scales[0].float()
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, ..., in]; slots: int [B] adapter slot per leading row (None = slot 0)."""

@@ -68,9 +68,10 @@ def add_parser(sub) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument(
         "--cpu-decode",
-        choices=("int8", "fp32"),
-        default="int8",
-        help="CPU kernel for small batches: weight-only int8 with bf16 activations (fast) or "
+        choices=("int4", "fp32"),
+        default="int4",
+        help="CPU kernel for decode steps: the codes repacked as 4-bit with bf16 activations "
+        "(fast; per-channel checkpoints) or "
         "the fp32 dense GEMM as offline (`owq eval`); prefill is always fp32",
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
@@ -120,7 +121,7 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         max_queue=args.max_queue,
         device=args.device,
         observer=observer,
-        int8_decode=args.cpu_decode == "int8",
+        packed_decode=args.cpu_decode == "int4",
     )
 
 

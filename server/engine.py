@@ -52,7 +52,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
-    int8_decode: bool = True  # CPU: weight-only int8 kernel for small batches (projection.py)
+    packed_decode: bool = True  # CPU: the 4-bit packed kernel for decode steps (projection.py)
 
     @property
     def slots(self) -> int:
@@ -123,13 +123,13 @@ class Engine:
         model_name: str | None = None,
         max_context: int = 2048,
         prefill_chunk: int = 256,
-        int8_decode: bool = True,
+        packed_decode: bool = True,
     ) -> Engine:
         from transformers import AutoTokenizer
 
         config = EngineConfig(
             max_batch, max_queue, num_slots, max_context, prefill_chunk, device,
-            int8_decode=int8_decode,
+            packed_decode=packed_decode,
         )  # fmt: skip
         model = load_checkpoint(ckpt_dir, config.compute_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
@@ -257,7 +257,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Build the runtime's fused weights and run one token, before reporting ready."""
-        self.runtime.prepare(self.config.int8_decode)
+        self.runtime.prepare(self.config.packed_decode)
         device = self.config.device
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = step_index(self.cache.shape, 0, positions)

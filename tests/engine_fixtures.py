@@ -58,7 +58,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_quantized_model(kind: str = "llama", seed: int = 0, group_size: int = GROUP):
+def tiny_quantized_model(
+    kind: str = "llama", seed: int = 0, group_size: int = GROUP, bits: int = BITS
+):
     """A tiny random model (128-token vocab, EOS = 0) with every linear an RTN OWQLinear."""
     config = tiny_config(kind)
     config.vocab_size = VOCAB
@@ -66,7 +68,7 @@ def tiny_quantized_model(kind: str = "llama", seed: int = 0, group_size: int = G
     config.initializer_range = config.init_std = INIT_STD  # peaked logits: outputs that differ
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    return rtn_swap(model, BITS, group_size, WEAK, seed=seed)
+    return rtn_swap(model, bits, group_size, WEAK, seed=seed)
 
 
 def random_adapter(model, name: str, seed: int, scale: float = 2.0) -> Adapter:
@@ -96,13 +98,17 @@ def install_slots(model, adapters: list[Adapter]) -> list:
 
 
 def build_tiny_server_assets(
-    tmp_path: str | Path, kind: str = "llama", num_adapters: int = 3, group_size: int = GROUP
+    tmp_path: str | Path,
+    kind: str = "llama",
+    num_adapters: int = 3,
+    group_size: int = GROUP,
+    bits: int = BITS,
 ) -> tuple[Path, Path]:
     """(ckpt_dir, adapters_dir) under tmp_path; adapters are named adapter-0 .. adapter-{n-1}."""
     tmp_path = Path(tmp_path)
-    model = tiny_quantized_model(kind, group_size=group_size)
+    model = tiny_quantized_model(kind, group_size=group_size, bits=bits)
     ckpt = save_checkpoint(
-        model, tmp_path / "ckpt", QuantConfig(BITS, group_size), tiny_tokenizer()
+        model, tmp_path / "ckpt", QuantConfig(bits, group_size), tiny_tokenizer()
     )
     base = load_checkpoint(ckpt)
     adapters = tmp_path / "adapters"

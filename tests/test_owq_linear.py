@@ -76,11 +76,14 @@ def test_channel_codes_times_scale_is_the_dense_part(bits, group_size):
     if group_size != -1:
         assert found is None  # per-group scales: no per-channel form
         return
-    codes, scale = found
-    assert codes.dtype == torch.int8 and codes.shape == (OUT, IN)
-    assert int(codes.abs().max()) <= 2**bits - 1
-    assert bool((codes[:, layer.outlier_idx.long()] == 0).all())
-    torch.testing.assert_close(codes.float() * scale[:, None], dense, rtol=0, atol=0)
+    codes, zeros, scale = found
+    assert codes.dtype == torch.int32 and codes.shape == (OUT, IN)
+    assert 0 <= int(codes.min()) and int(codes.max()) < 2**bits
+    weak = codes[:, layer.outlier_idx.long()]
+    assert bool((weak == zeros[:, None]).all())
+    torch.testing.assert_close(
+        (codes - zeros[:, None]).float() * scale[:, None], dense, rtol=0, atol=0
+    )
 
 
 def test_outlier_idx_sorted_unique_and_oweight_follows():

@@ -95,10 +95,10 @@ class LlamaRuntime(nn.Module):
         for proj in projections(self):
             proj.refresh(slot)
 
-    def prepare(self, int8: bool = True) -> None:
-        """Fuse every projection's weights in the compute dtype, with the int8 decode kernel
-        where it applies (see projection.py); before the first step."""
-        prepare_projections(self, self.embed.dtype, int8)
+    def prepare(self, packed: bool = True) -> None:
+        """Fuse every projection's weights in the compute dtype, with the 4-bit packed decode
+        kernel where it applies (see projection.py); before the first step."""
+        prepare_projections(self, self.embed.dtype, packed)
 
     def cache_shape(self, rows: int) -> CacheShape:
         a = self.args

@@ -5,17 +5,19 @@ weak part of every row is one product with a block-diagonal fp32 table `[S+1, K,
 columns (row 0 = the base's `oweight`, row s = adapter slot s, kept in sync with the layers' slot
 tables: `refresh` after each slot write). The dense part takes one of two kernels by batch size:
 
-- decode steps (one token per row) of up to `INT8_MAX_ROWS` rows: weight-only int8 — the centred
-  low-bit codes as int8 with per-channel scales, activations in bf16 (`torch._weight_int8pack_mm`):
-  1 byte per weight instead of 4, 1.3-1.6x faster per step than the fp32 GEMV on a memory-bound
-  CPU, at bf16 activation rounding (benchmarks/cpu_decode.py: Persuasion perplexity scored through
-  decode steps moves by 0.01%). Only for one-group layers (`group_size = -1`).
-- prefill (always, so prompt scoring equals the offline model), decode batches above
-  `INT8_MAX_ROWS` (int8 loses there: 41 vs 43 ms at 16 rows, 144 vs 107 ms at 64), grouped layers
-  and other compute dtypes: the dequantized weight in the compute dtype and one GEMM.
+- decode steps (one token per row) of up to `PACKED_MAX_ROWS` rows: the 2/3-bit codes repacked,
+  centred, as 4-bit (`torch._weight_int4pack_mm_for_cpu`, bf16 activations and per-channel
+  scales): half a byte per weight instead of four.
+  Measured here on the default model's linears at one row: 4.7 ms against 11.5 ms for int8
+  codes and ~20 ms for the fp32 GEMV; 30 vs 43 ms (fp32) at 16 rows. The cost is bf16 rounding
+  of activations and scales (relative ~3e-3 on a projection's output; benchmarks/cpu_decode.py:
+  Persuasion perplexity scored through decode steps). Only for one-group layers
+  (`group_size = -1`) of at most 3 bits whose input width is a multiple of 32.
+- prefill (always, so prompt scoring equals the offline model), larger decode batches, grouped
+  layers and other compute dtypes: the dequantized weight in the compute dtype and one GEMM.
 
 The kernel depends on the step's shape, never on which other requests share it, so a request's
-tokens do not depend on its batch while the running batch stays within `INT8_MAX_ROWS` rows.
+tokens do not depend on its batch while the running batch stays within `PACKED_MAX_ROWS` rows.
 
 The layers' own dense caches are dropped. Off the CPU each layer's own kernels take `slots`
 directly and the outputs are concatenated. Knows nothing about models or requests.
@@ -29,7 +31,9 @@ from torch import nn
 
 from owq.kernels import OWQLinear
 
-INT8_MAX_ROWS = 16
+PACKED_MAX_ROWS = 16
+PACKED_OP = "_weight_int4pack_mm_for_cpu"
+PACK_GROUPS = (256, 128, 64, 32)  # group sizes the 4-bit kernel takes; the largest that fits
 
 
 class SlotProjection(nn.Module):
@@ -38,8 +42,9 @@ class SlotProjection(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.sizes = [layer.out_features for layer in layers]
         self.weight: torch.Tensor | None = None  # [OUT, in], compute dtype (CPU only)
-        self.codes: torch.Tensor | None = None  # int8 [OUT, in] (int8 kernel only)
-        self.code_scale: torch.Tensor | None = None  # bf16 [OUT]
+        self.packed: torch.Tensor | None = None  # 4-bit kernel layout (packed path only)
+        self.pack_group = 0
+        self.scale_zero: torch.Tensor | None = None  # bf16 [in / group, OUT, 2]
         self.bias: torch.Tensor | None = None
         self.idx: torch.Tensor | None = None  # long [K]: every layer's weak inputs, in order
         self.table: torch.Tensor | None = None  # fp32 [S+1, K, OUT], block-diagonal
@@ -48,20 +53,17 @@ class SlotProjection(nn.Module):
     def on_cpu(self) -> bool:
         return not self.layers[0].qweight.is_cuda
 
-    def prepare(self, dtype: torch.dtype, int8: bool = True) -> None:
-        """Build the fused weights in `dtype` (and the int8 form when `int8` and every layer has
-        per-channel scales) plus the weak-column table; CPU only, a no-op elsewhere."""
+    def prepare(self, dtype: torch.dtype, packed: bool = True) -> None:
+        """Build the fused weights in `dtype` (and the 4-bit packed form when `packed` and it
+        applies) plus the weak-column table; CPU only, a no-op elsewhere."""
         if not self.on_cpu:
             return
         layers = self.layers
         with torch.inference_mode(False), torch.no_grad():  # tables stay writable by refresh
             self.weight = torch.cat([layer.dense_weight(dtype, cache=False) for layer in layers])
-            channel = [layer.channel_codes() for layer in layers] if int8 else [None]
-            if dtype == torch.float32 and all(c is not None for c in channel):
-                self.codes = torch.cat([c[0] for c in channel])
-                self.code_scale = torch.cat([c[1] for c in channel]).to(torch.bfloat16)
-            else:
-                self.codes = self.code_scale = None
+            self.packed = self.scale_zero = None
+            if packed and dtype == torch.float32:
+                self._pack()
             if any(layer.bias is not None for layer in layers):
                 self.bias = torch.cat([
                     layer.bias.to(dtype) if layer.bias is not None else torch.zeros(n, dtype=dtype)
@@ -70,6 +72,29 @@ class SlotProjection(nn.Module):
             for layer in layers:
                 layer.invalidate_cache()
             self.sync()
+
+    def _pack(self) -> None:
+        """The 4-bit kernel's operands, if every layer has per-channel codes of at most 3 bits.
+
+        The kernel computes (q − 8)·scale + zero. Codes are stored centred, q − z + 8 (in [1, 15]
+        for 3 bits), so its zero term is exactly 0 and the only rounding is the bf16 scale: a
+        zero point folded into a bf16 `zero` instead errs by up to 2^-9·8·scale on every weight
+        of a row alike, a bias that cost 0.6% perplexity here. 4-bit codes centred would need
+        5 bits, so 4-bit layers keep the fp32 path."""
+        layers = self.layers
+        in_features = layers[0].in_features
+        group = next((g for g in PACK_GROUPS if in_features % g == 0), 0)
+        if not group or max(layer.bits for layer in layers) > 3 or not hasattr(torch, PACKED_OP):
+            return
+        found = [layer.channel_codes() for layer in layers]
+        if any(f is None for f in found):
+            return
+        codes = torch.cat([c - z[:, None] + 8 for c, z, _ in found])  # [OUT, in], in [1, 15]
+        scale = torch.cat([f[2] for f in found])
+        pair = torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16)  # [OUT, 2]
+        self.scale_zero = pair.expand(in_features // group, -1, -1).contiguous()
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        self.pack_group = group
 
     def sync(self) -> None:
         """Rebuild the whole weak-column table from the layers."""
@@ -116,11 +141,10 @@ class SlotProjection(nn.Module):
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         b, t, n = x.shape
-        if self.codes is None or t != 1 or b > INT8_MAX_ROWS:
+        if self.packed is None or t != 1 or b > PACKED_MAX_ROWS:
             return F.linear(x, self.weight)
-        y = torch._weight_int8pack_mm(
-            x.reshape(b, n).to(torch.bfloat16), self.codes, self.code_scale
-        )
+        flat = x.reshape(b, n).to(torch.bfloat16)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.pack_group, self.scale_zero)
         return y.to(x.dtype).view(b, 1, -1)
 
     def _weak(self, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
@@ -140,6 +164,6 @@ def projections(module: nn.Module) -> list[SlotProjection]:
     return [m for m in module.modules() if isinstance(m, SlotProjection)]
 
 
-def prepare_projections(module: nn.Module, dtype: torch.dtype, int8: bool = True) -> None:
+def prepare_projections(module: nn.Module, dtype: torch.dtype, packed: bool = True) -> None:
     for proj in projections(module):
-        proj.prepare(dtype, int8)
+        proj.prepare(dtype, packed)
