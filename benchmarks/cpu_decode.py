@@ -44,11 +44,13 @@ def build(ckpt: Path, packed: bool, rows: int):
 
 
 def step(runtime, cache, tokens: torch.Tensor, start: int, logits="last"):
+    """A prefill from position 0, a decode step (one token per row) after it."""
     from owq.server.runtime import step_index
 
     b, t = tokens.shape
     positions = torch.arange(start, start + t).expand(b, t).contiguous()
-    return runtime(tokens, step_index(cache.shape, 0, positions), cache, None, logits)
+    decode = start > 0 and t == 1
+    return runtime(tokens, step_index(cache.shape, 0, positions, decode), cache, None, logits)
 
 
 def latency_ms(runtime, cache, rows: int, steps: int = 48) -> float:

@@ -158,9 +158,9 @@ def serve(server, engine) -> int:
 
     The main thread owns the model because MKL runs GEMMs single-threaded on threads other than
     the first ones that used it (batch-1 decode ran at half speed on a model thread). A signal
-    asks uvicorn to shut down gracefully (a second one forces it); open requests drain while the
-    model loop keeps running, then the loop stops. Exit status 0 after a clean shutdown, 1 if
-    uvicorn could not start (e.g. the port is taken).
+    asks uvicorn to shut down gracefully; open requests drain while the model loop keeps
+    running, then the loop stops. A second signal interrupts whatever runs (also the warm-up).
+    Exit status 0 after a clean shutdown, 1 if uvicorn could not start (e.g. the port is taken).
     """
 
     def http() -> None:
@@ -172,6 +172,7 @@ def serve(server, engine) -> int:
     def on_signal(*_) -> None:
         if server.should_exit:
             server.force_exit = True
+            raise KeyboardInterrupt
         server.should_exit = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -179,9 +180,15 @@ def serve(server, engine) -> int:
     try:
         thread.start()
         engine.run_forever()
-        thread.join()
+    except KeyboardInterrupt:
+        log.warning("interrupted")
     finally:
+        server.should_exit = True  # also when the model loop failed: close HTTP cleanly
+        thread.join(timeout=60)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if not server.started:
+        log.error("the HTTP server did not start")
+        return 1
     log.info("stopped")
-    return 0 if server.started else 1
+    return 0

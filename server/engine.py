@@ -143,12 +143,16 @@ class Engine:
         other than the first ones that used it, which halves batch-1 decode speed."""
         if self._thread is not None or self._running.is_set():
             return
+        self._stopping.clear()
         self._stopped.clear()
         self._thread = threading.Thread(target=self.run_forever, name="owq-model", daemon=True)
         self._thread.start()
 
     def run_forever(self) -> None:
-        """The model loop, in the calling thread, until `request_stop()` or `stop()`."""
+        """The model loop, in the calling thread, until `request_stop()` or `stop()` (also one
+        that came before it started: it then returns right after the warm-up)."""
+        if self._running.is_set():
+            raise RuntimeError("the model loop is already running")
         self._stopped.clear()
         self._running.set()
         try:
@@ -173,7 +177,8 @@ class Engine:
             self._thread = None
 
     def ready(self) -> bool:
-        return self._ready.is_set() and self._running.is_set()
+        running = self._running.is_set() and not self._stopping.is_set()
+        return self._ready.is_set() and running
 
     def set_observer(self, observer: EngineObserver | None) -> None:
         """Attach the metrics hooks after construction (the app may build them later)."""

@@ -275,7 +275,7 @@ class Scheduler:
     def _decode(self, seqs: list[Sequence]) -> None:
         tokens = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         positions = torch.tensor([[s.cached] for s in seqs], device=self.device)
-        step = step_index(self.cache.shape, 0, positions)
+        step = step_index(self.cache.shape, 0, positions, decode=True)
         logits = self.runtime(tokens, step, self.cache, self._slots_tensor(seqs), "last")
         for s in seqs:
             s.cached += 1

@@ -49,14 +49,16 @@ def test_projection_equals_its_bf16_emulation(rows):
         dense = (x.bfloat16().float() @ w.t()).bfloat16().float()
         weak = x[..., layer.outlier_idx.long()] @ layer.oweight.float()
         parts.append(dense + weak + layer.bias.float())
-    torch.testing.assert_close(proj(x), torch.cat(parts, -1), rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(proj(x, decode=True), torch.cat(parts, -1), rtol=2**-8, atol=1e-5)
+    exact = torch.cat([layer(x) for layer in layers], -1)
+    torch.testing.assert_close(proj(x), exact, rtol=0, atol=1e-5)  # not a decode step: fp32
 
 
-def forward(rt, cache, tokens, start, slots=None, logits="all"):
+def forward(rt, cache, tokens, start, slots=None, logits="all", decode=False):
     b, t = tokens.shape
     positions = torch.arange(start, start + t).expand(b, t).contiguous()
     with torch.inference_mode():
-        return rt(tokens, step_index(cache.shape, 0, positions), cache, slots, logits)
+        return rt(tokens, step_index(cache.shape, 0, positions, decode), cache, slots, logits)
 
 
 def runtimes(model):
@@ -78,8 +80,10 @@ def test_prefill_exact_decode_close(kind):
     caches = [KVCache(rt.cache_shape(1)) for rt in (exact, fast)]
     pre = [forward(rt, c, tokens[:, :n], 0) for rt, c in zip((exact, fast), caches, strict=True)]
     torch.testing.assert_close(pre[1], pre[0], rtol=0, atol=0)  # prefill: the fp32 path
+    lone = [forward(rt, KVCache(rt.cache_shape(1)), tokens[:, :1], 0) for rt in (exact, fast)]
+    torch.testing.assert_close(lone[1], lone[0], rtol=0, atol=0)  # a one-token prompt too
     for t in range(n, tokens.shape[1]):
-        e, f = (forward(rt, c, tokens[:, t : t + 1], t, logits="last")
+        e, f = (forward(rt, c, tokens[:, t : t + 1], t, logits="last", decode=True)
                 for rt, c in zip((exact, fast), caches, strict=True))  # fmt: skip
         assert 0 < float((f - e).abs().max()) <= close_tol(e)  # packed ran, within bf16 rounding
 
@@ -97,11 +101,11 @@ def test_mixed_slots_on_the_packed_path(kind):
     cache = KVCache(fast.cache_shape(3))
     slots = torch.tensor([0, 1, 2])
     forward(fast, cache, tokens[:, :5], 0, slots, "none")  # prefill: fp32
-    out = forward(fast, cache, tokens[:, 5:], 5, slots, "last")  # one decode step: packed
+    out = forward(fast, cache, tokens[:, 5:], 5, slots, "last", decode=True)  # packed
     for row, ref_rt in enumerate(refs):
         ref_cache = KVCache(ref_rt.cache_shape(1))
         forward(ref_rt, ref_cache, tokens[row : row + 1, :5], 0, None, "none")
-        ref = forward(ref_rt, ref_cache, tokens[row : row + 1, 5:], 5, None, "last")[0]
+        ref = forward(ref_rt, ref_cache, tokens[row : row + 1, 5:], 5, None, "last", True)[0]
         torch.testing.assert_close(out[row], ref, rtol=0, atol=1e-4)
     assert not torch.allclose(out[1], out[0], atol=close_tol(out[0]))
 
@@ -116,11 +120,11 @@ def test_grouped_or_4bit_layers_keep_the_fp32_path(group_size, bits):
 def test_tokens_do_not_depend_on_the_batch(tmp_path):
     """A seeded request alone and beside three others on the served packed path: the same tokens,
     logprobs equal to fp32 summation order (the kernel follows the step's shape, not its company:
-    a rule by row count would score the grouped prefill in fp32 and the lone one packed)."""
+    a rule by step shape would run the lone one-token prompt packed, the padded group fp32)."""
     ckpt, _ = build_tiny_server_assets(tmp_path, "llama", 0, group_size=-1, bits=3)
     engine = Engine.from_checkpoint(ckpt, max_batch=4)
     params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, logprobs=0)
-    prompts = [(5, 9, 13, 2), (7, 7, 1), (3, 4, 5, 6, 8, 9, 10, 11), (21, 22)]
+    prompts = [(5,), (7, 7, 1), (3, 4, 5, 6, 8, 9, 10, 11), (21, 22)]  # a one-token prompt
 
     async def tokens(prompt):
         req = GenerationRequest(f"r{prompt}", prompt, params)

@@ -1,6 +1,7 @@
 """Token choice: greedy is argmax, a seeded generator repeats its draws, draws follow the softmax
 of logits / temperature, and top-k / top-p never let a token outside their set through."""
 
+import pytest
 import torch
 
 from owq.server.runtime.sampling import (
@@ -64,3 +65,10 @@ def test_draw_edges():
     assert {draw(one_hot, gen) for _ in range(100)} == {3}
     leading_zero = torch.tensor([0.0, 0.5, 0.5])
     assert 0 not in {draw(leading_zero, gen) for _ in range(200)}
+
+
+def test_no_distribution_is_an_error_not_a_token():
+    gen = make_generator(0)
+    for bad in (torch.zeros(4), torch.tensor([0.5, float("nan"), 0.5])):
+        with pytest.raises(ValueError, match="cannot sample"):
+            draw(bad, gen)

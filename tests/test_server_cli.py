@@ -118,6 +118,19 @@ def test_owq_serve_process_serves_and_stops_gracefully(tmp_path):
     assert "OPEN" in out  # the start-up warning of a server without api keys
 
 
+def test_serve_on_a_taken_port_exits_1(tmp_path):
+    """uvicorn cannot bind: the model loop stops too and the process exits 1, saying so."""
+    ckpt, _ = tiny_assets(tmp_path, num_adapters=0)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "owq", "serve", str(ckpt), "--port", str(port)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "did not start" in done.stderr
+
+
 def test_serving_benchmark_quick_mode(tmp_path):
     """`benchmarks/serving.py --quick` on the tiny checkpoint: every scenario ran, JSON written."""
     ckpt, _ = tiny_assets(tmp_path, num_adapters=0)

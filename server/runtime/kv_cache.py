@@ -36,6 +36,7 @@ class StepIndex:
     write_index: torch.Tensor  # long [B*T*H]: flat index into a layer's [rows*H*max_context, D]
     mask: torch.Tensor  # bool [B, 1, T, length]: True = attend
     length: int
+    decode: bool = False  # a decode step (one new token per running row), not a prefill
 
     @property
     def rows(self) -> slice:
@@ -70,8 +71,13 @@ class KVCache:
             v[dst, :, :length].copy_(v[src, :, :length])
 
 
-def step_index(shape: CacheShape, row0: int, positions: torch.Tensor) -> StepIndex:
-    """positions: long [B, T], absolute position of each new token of rows row0 .. row0+B."""
+def step_index(
+    shape: CacheShape, row0: int, positions: torch.Tensor, decode: bool = False
+) -> StepIndex:
+    """positions: long [B, T], absolute position of each new token of rows row0 .. row0+B;
+    `decode`: the step extends running rows by one token (the kernels may differ from prefill)."""
+    if decode and positions.shape[1] != 1:
+        raise ValueError(f"a decode step has one token per row, got {positions.shape[1]}")
     batch, _ = positions.shape
     heads, ctx = shape.kv_heads, shape.max_context
     rows = torch.arange(row0, row0 + batch, device=positions.device)
@@ -80,7 +86,7 @@ def step_index(shape: CacheShape, row0: int, positions: torch.Tensor) -> StepInd
     length = int(positions.max()) + 1
     keys = torch.arange(length, device=positions.device)
     mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
-    return StepIndex(row0, positions, write_index, mask, length)
+    return StepIndex(row0, positions, write_index, mask, length, decode)
 
 
 def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:

@@ -62,15 +62,15 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        qk, v = self.qkv(h, slots).split([self.qk_size, self.qkv.sizes[2]], dim=-1)
+        qk, v = self.qkv(h, slots, step.decode).split([self.qk_size, self.qkv.sizes[2]], dim=-1)
         qk = apply_rope(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), *rope)  # q, k at once
         q, k = qk.split([a.heads, a.kv_heads], dim=2)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
-        x = x + self.o(attention(q, keys, values, mask, self.scale), slots)
+        x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.decode)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        gate, up = self.gate_up(h, slots).split(self.gate_up.sizes, dim=-1)
-        return x + self.down(self.act(gate) * up, slots)
+        gate, up = self.gate_up(h, slots, step.decode).split(self.gate_up.sizes, dim=-1)
+        return x + self.down(self.act(gate) * up, slots, step.decode)
 
 
 class LlamaRuntime(nn.Module):

@@ -48,15 +48,15 @@ class NormMLPBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = self._norm(x, self.norm1) if a.pre_norm else x
-        q, k, v = self.qkv(h, slots).chunk(3, dim=-1)
+        q, k, v = self.qkv(h, slots, step.decode).chunk(3, dim=-1)
         cache.write(self.index, k, v.contiguous(), step)
         keys, values = cache.read(self.index, step)
         q = q.reshape(b, t, a.heads, a.head_dim)
-        x = x + self.out(attention(q, keys, values, mask, a.scale), slots)
+        x = x + self.out(attention(q, keys, values, mask, a.scale), slots, step.decode)
         if not a.pre_norm:
             x = self._norm(x, self.norm1)
         h = self._norm(x, self.norm2) if a.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h, slots)), slots)
+        x = x + self.fc2(self.act(self.fc1(h, slots, step.decode)), slots, step.decode)
         return x if a.pre_norm else self._norm(x, self.norm2)
 
 

@@ -12,12 +12,14 @@ tables: `refresh` after each slot write). The dense part takes one of two kernel
   codes and ~20 ms for the fp32 GEMV; 30 vs 43 ms (fp32) at 16 rows. The cost is bf16 rounding
   of activations and scales (relative ~3e-3 on a projection's output; benchmarks/cpu_decode.py:
   Persuasion perplexity scored through decode steps). Only for one-group layers
-  (`group_size = -1`) of at most 3 bits whose input width is a multiple of 32.
-- prefill (always, so prompt scoring equals the offline model), larger decode batches, grouped
-  layers and other compute dtypes: the dequantized weight in the compute dtype and one GEMM.
+  (`group_size = -1`) of at most 3 bits, input width a multiple of 32, output a multiple of 16.
+- prefill (always, also a one-token prompt, so prompt scoring equals the offline model), larger
+  decode batches, grouped layers and other compute dtypes: the dequantized weight in the compute
+  dtype and one GEMM.
 
-The kernel depends on the step's shape, never on which other requests share it, so a request's
-tokens do not depend on its batch while the running batch stays within `PACKED_MAX_ROWS` rows.
+The kernel depends on the step's kind (`StepIndex.decode`) and size, never on which other requests
+share it, so a request's tokens do not depend on its batch while the running batch stays within
+`PACKED_MAX_ROWS` rows.
 
 The layers' own dense caches are dropped. Off the CPU each layer's own kernels take `slots`
 directly and the outputs are concatenated. Knows nothing about models or requests.
@@ -25,11 +27,15 @@ directly and the outputs are concatenated. Knows nothing about models or request
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from owq.kernels import OWQLinear
+
+log = logging.getLogger(__name__)
 
 PACKED_MAX_ROWS = 16
 PACKED_OP = "_weight_int4pack_mm_for_cpu"
@@ -48,6 +54,7 @@ class SlotProjection(nn.Module):
         self.bias: torch.Tensor | None = None
         self.idx: torch.Tensor | None = None  # long [K]: every layer's weak inputs, in order
         self.table: torch.Tensor | None = None  # fp32 [S+1, K, OUT], block-diagonal
+        self.want_packed = True  # the last `prepare`'s choice (a lazy re-prepare keeps it)
 
     @property
     def on_cpu(self) -> bool:
@@ -56,6 +63,7 @@ class SlotProjection(nn.Module):
     def prepare(self, dtype: torch.dtype, packed: bool = True) -> None:
         """Build the fused weights in `dtype` (and the 4-bit packed form when `packed` and it
         applies) plus the weak-column table; CPU only, a no-op elsewhere."""
+        self.want_packed = packed
         if not self.on_cpu:
             return
         layers = self.layers
@@ -84,7 +92,12 @@ class SlotProjection(nn.Module):
         layers = self.layers
         in_features = layers[0].in_features
         group = next((g for g in PACK_GROUPS if in_features % g == 0), 0)
-        if not group or max(layer.bits for layer in layers) > 3 or not hasattr(torch, PACKED_OP):
+        if (
+            not group
+            or sum(self.sizes) % 16  # the kernel's layout packs 16 output channels at a time
+            or max(layer.bits for layer in layers) > 3
+            or not hasattr(torch, PACKED_OP)
+        ):
             return
         found = [layer.channel_codes() for layer in layers]
         if any(f is None for f in found):
@@ -92,8 +105,12 @@ class SlotProjection(nn.Module):
         codes = torch.cat([c - z[:, None] + 8 for c, z, _ in found])  # [OUT, in], in [1, 15]
         scale = torch.cat([f[2] for f in found])
         pair = torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16)  # [OUT, 2]
+        try:
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        except RuntimeError as e:  # a layout this torch build refuses: the fp32 path serves it
+            log.warning("4-bit decode kernel unavailable for %s: %s", self.sizes, e)
+            return
         self.scale_zero = pair.expand(in_features // group, -1, -1).contiguous()
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         self.pack_group = group
 
     def sync(self) -> None:
@@ -125,23 +142,25 @@ class SlotProjection(nn.Module):
                     self.table[slot, row : row + k, col : col + n] = cols.float()
                 row, col = row + k, col + n
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        # x: [B, T, in]; slots: long [B] or None (every row on slot 0) -> [B, T, OUT]
+    def forward(
+        self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False
+    ) -> torch.Tensor:
+        # x: [B, T, in]; slots: long [B] or None (every row on slot 0); decode: a decode step
         if not self.on_cpu:
             outs = [layer(x, slots) for layer in self.layers]
             return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
         if self.weight is None or self.weight.dtype != x.dtype:
-            self.prepare(x.dtype)
-        y = self._dense(x)
+            self.prepare(x.dtype, self.want_packed)
+        y = self._dense(x, decode)
         if self.bias is not None:
             y = y + self.bias
         if self.table is None:
             return y
         return y + self._weak(x, slots)
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def _dense(self, x: torch.Tensor, decode: bool) -> torch.Tensor:
         b, t, n = x.shape
-        if self.packed is None or t != 1 or b > PACKED_MAX_ROWS:
+        if not decode or self.packed is None or t != 1 or b > PACKED_MAX_ROWS:
             return F.linear(x, self.weight)
         flat = x.reshape(b, n).to(torch.bfloat16)
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, self.pack_group, self.scale_zero)
