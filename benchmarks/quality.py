@@ -24,7 +24,7 @@ CONFIGS: dict[str, dict | None] = {
     "gptq-3": {"method": "gptq", "wbits": 3},
     "gptq-4": {"method": "gptq", "wbits": 4},
     "gptq-3-ao-ts": {"method": "gptq", "wbits": 3, "act_order": True, "true_sequential": True},
-    "gptq-3-g128": {"method": "gptq", "wbits": 3, "groupsize": 128},
+    "gptq-3-g64": {"method": "gptq", "wbits": 3, "groupsize": 64},  # 576 = 4.5 x 128
     "gptq-3-search": {"method": "gptq", "wbits": 3, "search": True},
     "gptq-4-search": {"method": "gptq", "wbits": 4, "search": True},
     "owq-3.05-minmax": {"method": "owq", "wbits": 3, "target_bits": 3.05, "search": False},

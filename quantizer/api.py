@@ -57,6 +57,22 @@ def _windows(settings: QuantizeSettings, tokenizer, calibration_ids) -> torch.Te
     return calibration_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
 
 
+def check_groups(shapes, groupsize: int) -> None:
+    """ValueError before any work if the group size does not divide some layer's input width
+    (the packed format needs whole groups)."""
+    if groupsize == -1:
+        return
+    bad = [s for s in shapes if s.in_features % groupsize]
+    if bad:
+        widths = sorted({s.in_features for s in shapes})
+        fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+        raise ValueError(
+            f"--groupsize {groupsize} does not divide in_features={bad[0].in_features} of "
+            f"{bad[0].name} ({len(bad)} layers); group sizes that fit this model: "
+            f"{', '.join(map(str, fits)) or 'none'} or -1"
+        )
+
+
 def quantize(
     model: str | os.PathLike | nn.Module = "default",
     out: str | os.PathLike = "owq-checkpoint",
@@ -84,6 +100,7 @@ def quantize(
     family = family_of(lm.config)
     round_unquantized(lm)
     shapes = layer_shapes(lm, family)
+    check_groups(shapes, settings.groupsize)
     seconds["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     with torch.inference_mode():

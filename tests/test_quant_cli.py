@@ -71,6 +71,14 @@ def test_text_too_short_for_one_window(tmp_path, model_dir, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_group_size_that_does_not_divide_a_layer(tmp_path, model_dir, calib, capsys):
+    """Refused before any calibration work, naming the layer width and the sizes that fit."""
+    argv = ["quantize", str(model_dir), str(tmp_path / "o"), "--calib", str(calib)]
+    message = _fail(capsys, argv + ["--method", "gptq", "--groupsize", "128"])
+    assert "--groupsize 128" in message and "in_features=64" in message and "32, 64" in message
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_calibration_file(tmp_path, model_dir, capsys):
     argv = ["quantize", str(model_dir), str(tmp_path / "o"), "--calib", str(tmp_path / "x.txt")]
     assert "x.txt" in _fail(capsys, argv)
