@@ -11,7 +11,7 @@ tables: `refresh` after each slot write). The dense part takes one of two kernel
   Measured here on the default model's linears at one row: 4.7 ms against 11.5 ms for int8
   codes and ~20 ms for the fp32 GEMV; 30 vs 43 ms (fp32) at 16 rows. The cost is bf16 rounding
   of activations and scales (relative ~3e-3 on a projection's output; benchmarks/cpu_decode.py:
-  Persuasion perplexity scored through decode steps). Only for one-group layers
+  Persuasion perplexity scored through decode steps moves by under 0.1%). Only for one-group layers
   (`group_size = -1`) of at most 3 bits, input width a multiple of 32, output a multiple of 16.
 - prefill (always, also a one-token prompt, so prompt scoring equals the offline model), larger
   decode batches, grouped layers and other compute dtypes: the dequantized weight in the compute
