@@ -3,7 +3,7 @@
 On the CPU the layers' dense parts are concatenated along the output (q/k/v, gate/up) and the
 weak part of every row is one product with a block-diagonal fp32 table `[S+1, K, OUT]` of weak
 columns (row 0 = the base's `oweight`, row s = adapter slot s, kept in sync with the layers' slot
-tables: `refresh` after each slot write). The dense part takes one of two kernels by batch size:
+tables: `refresh` after each slot write). The dense part takes one of two kernels by step:
 
 - decode steps (one token per row) of up to `PACKED_MAX_ROWS` rows: the 2/3-bit codes repacked,
   centred, as 4-bit (`torch._weight_int4pack_mm_for_cpu`, bf16 activations and per-channel
@@ -72,6 +72,7 @@ class SlotProjection(nn.Module):
             self.packed = self.scale_zero = None
             if packed and dtype == torch.float32:
                 self._pack()
+            self.bias = None
             if any(layer.bias is not None for layer in layers):
                 self.bias = torch.cat([
                     layer.bias.to(dtype) if layer.bias is not None else torch.zeros(n, dtype=dtype)
