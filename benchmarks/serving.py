@@ -228,7 +228,7 @@ class TransformersReference:
     """Greedy `generate` on the float default model at batch 1 (loaded once, in this process)."""
 
     def __init__(self):
-        from owq.default_model import load_float_model
+        from owq.builtin.model import load_float_model
 
         self.model, tokenizer = load_float_model("default")
         self.ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
@@ -308,7 +308,7 @@ def llama_cpp_scenarios(args, log) -> tuple[list[Scenario], str | None]:
     missing = llama_cpp_missing()
     if missing:
         return [], missing
-    from owq.default_model import default_gguf_path
+    from owq.builtin.model import default_gguf_path
 
     try:
         proc, url = start_llama_cpp(default_gguf_path(), os.cpu_count() or 1, log)

@@ -93,8 +93,9 @@ def parse_args(argv=None) -> tuple[Settings, argparse.Namespace]:
 
 # data ----------------------------------------------------------------------------------------
 def write_data(s: Settings) -> dict[str, str]:
-    from owq.quantizer.tune_data import write_jsonl
-    from owq.quantizer.tune_tasks import domain_task, novel_id_task
+    from wct_tasks import domain_task, novel_id_task
+
+    from owq.quantizer.tuning.data import write_jsonl
 
     work = Path(s.work_dir) / "data"
     train, held = domain_task(s.seed, s.domain_train, s.domain_eval, s.domain_words)
@@ -116,7 +117,7 @@ def _load(method: str, base: str):
     from transformers import AutoTokenizer
 
     if method in ("float", "lora-float"):
-        from owq.default_model import load_float_model
+        from owq.builtin.model import load_float_model
 
         model, tokenizer = load_float_model("default")
         return model.to(torch.float32), tokenizer
@@ -129,12 +130,12 @@ def _metric(task: str, model, tokenizer, s: Settings, eval_file: str) -> float:
     import torch
 
     if task == "domain":
-        from owq.austen import heldout_text
+        from owq.builtin.corpus import heldout_text
         from owq.quantizer.perplexity import perplexity
 
         ids = torch.tensor(tokenizer(heldout_text()).input_ids)
         return perplexity(model, ids, s.seqlen, s.ppl_windows, progress=False).ppl
-    from owq.quantizer.tune_tasks import TITLES, NovelItem, title_accuracy
+    from wct_tasks import TITLES, NovelItem, title_accuracy
 
     by_title = {" " + title: name for name, title in TITLES.items()}
     lines = Path(eval_file).read_text().splitlines()
@@ -144,11 +145,11 @@ def _metric(task: str, model, tokenizer, s: Settings, eval_file: str) -> float:
 
 def _train(method: str, model, tokenizer, s: Settings, files: dict, task: str, out: Path) -> dict:
     """Train in place; returns trainable params, adapter bytes and the TrainResult summary."""
+    from wct_lora import rank_for_budget, save_lora, trainable, wrap_lora
+
     from owq.kernels.adapters import save_adapter
-    from owq.quantizer.tune import TuneConfig, make_adapter, train, tune_weak_columns
-    from owq.quantizer.tune_data import load_examples, pad_id_of
-    from owq.quantizer.tune_lora import rank_for_budget, save_lora, trainable, wrap_lora
-    from owq.quantizer.tune_memory import training_forward
+    from owq.quantizer.tuning.data import load_examples, pad_id_of
+    from owq.quantizer.tuning.tune import TuneConfig, make_adapter, train, tune_weak_columns
 
     lr = s.wct_lr if method == "wct" else s.lora_lr
     cfg = TuneConfig(
@@ -168,8 +169,7 @@ def _train(method: str, model, tokenizer, s: Settings, files: dict, task: str, o
     rank = rank_for_budget(model, _wct_budget(s.base))
     peft_model = wrap_lora(model, rank, seed=s.seed)
     params = trainable(peft_model)
-    with training_forward(peft_model):
-        result = train(peft_model, params, examples, cfg, held, pad, progress=False)
+    result = train(peft_model, params, examples, cfg, held, pad, progress=False)
     info = {"adapter_bytes": save_lora(peft_model, out), "rank_or_k": f"r={rank}"}
     return {"trainable_params": sum(p.numel() for p in params), **info, "train": result.summary()}
 
@@ -193,7 +193,7 @@ def _dir_bytes(path: Path) -> int:
 def run_job(task: str, method: str, s: Settings, files: dict) -> dict:
     import torch
 
-    from owq.quantizer.tune_memory import current_rss_bytes, peak_rss_bytes
+    from owq.quantizer.tuning.memory import current_rss_bytes, peak_rss_bytes
 
     if s.threads:
         torch.set_num_threads(s.threads)

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import reference
 from .packing import check_layout, num_groups
+from .types import PackedWeight, WeakColumns
 
 log = logging.getLogger(__name__)
 
@@ -396,22 +396,21 @@ def _fp16(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float16).contiguous()
 
 
-def owq_linear_forward(layer, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-    """`OWQLinear.forward` for CUDA inputs: x [B, ..., in], slots [B] -> [B, ..., out] in x.dtype.
-
-    Falls back to the torch twin when autograd needs it (oweight or x requires grad).
-    """
-    if torch.is_grad_enabled() and (layer.oweight.requires_grad or x.requires_grad):
-        return reference.owq_matmul(
-            x, layer.qweight, layer.scales, layer.qzeros, layer.outlier_idx, layer.oweight,
-            layer.bits, layer.group_size, layer.bias, layer.adapter_table, slots,
-        )  # fmt: skip
+def linear_forward(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    weak: WeakColumns,
+    bias: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`OWQLinear.forward` for CUDA inputs without autograd: x [B, ..., in] (any float dtype),
+    slots [B] or None -> [B, ..., out] in x.dtype."""
     lead = tuple(x.shape[:-1])
-    x2 = x.reshape(-1, layer.in_features).to(torch.float16).contiguous()  # [rows, in]
-    table = layer.adapter_table if slots is not None else None
+    x2 = x.reshape(-1, packed.in_features).to(torch.float16).contiguous()  # [rows, in]
+    table = _fp16(weak.table)
     y = owq_matmul(
-        x2, layer.qweight, layer.scales, layer.qzeros, layer.outlier_idx, _fp16(layer.oweight),
-        layer.bits, layer.group_size, _fp16(layer.bias), _fp16(table),
+        x2, packed.qweight, packed.scales, packed.qzeros, weak.idx, table[0], packed.bits,
+        packed.group_size, _fp16(bias), table[1:] if slots is not None else None,
         _row_slots(slots, lead, x2.shape[0]),
     )  # fmt: skip
-    return y.reshape(*lead, layer.out_features).to(x.dtype)
+    return y.reshape(*lead, packed.out_features).to(x.dtype)

@@ -1,29 +1,50 @@
 """`OWQLinear`: a linear layer stored as packed low-bit codes plus fp16 weak columns.
 
-y = x @ dequant(Q) + x[..., idx] @ O[slot(row)] + bias. The dense part is computed once for the
-whole batch; the weak part gathers the k weak inputs and multiplies each row by its own slot's
-columns (slot 0 = the base's `oweight`, slot s >= 1 = `adapter_table[s - 1]`). CUDA tensors take
-the CuPy kernels when CuPy is importable, everything else the torch twin (`reference`); the CPU
-path caches one dequantized dense copy. Knows nothing about model families or files.
+y = x @ dequant(Q) + x[..., idx] @ T[slot(row)] + bias. The layer owns one slot table
+`weak_table` [S+1, k, out]: slot 0 holds the base's own weak columns (saved as `<layer>.oweight`),
+slots 1..S adapter columns written in place between steps. The dense part is computed once for
+the whole batch, the weak part per row from its own slot. One dispatch picks the compute:
+autograd (weak column tuning, gradients to `x`) → the torch twin; CUDA with CuPy → `cuda_ops`;
+otherwise `cpu_ops` with a cached `CpuPlan`. Weak column tuning is a mode of the layer
+(`train_weak_columns`): slot 0 becomes a float32 master Parameter while the packed base stays
+frozen. Layers that read the same input may be fused into one (`fused.fuse`); each stored layer
+is then a `Part` of it. Knows nothing about model families, files or requests.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from . import cpu_ops, reference
 from .grid import minmax_scale_zero, round_to_codes
-from .packing import (
-    check_layout,
-    dequantize,
-    num_groups,
-    pack_codes,
-    pack_zeros,
-    unpack_codes,
-    unpack_zeros,
-)
+from .packing import check_layout, group_index, num_groups, pack_codes, pack_zeros
+from .types import PackedWeight, WeakColumns
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored layer inside a (possibly fused) layer: its output columns and slot-table rows."""
+
+    offset: int  # first output column
+    out_features: int
+    rows: torch.Tensor  # long [k]: rows of the slot table holding this part's weak columns
+
+
+class _FrozenDense(torch.autograd.Function):
+    """y = x @ dequant(Q)ᵀ; dL/dx = dL/dy @ dequant(Q), fetching the weight again in backward
+    (the CPU plan's cached copy, or a fresh dequantization on CUDA) instead of saving it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: OWQLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return torch.nn.functional.linear(x, layer.dense_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dense_weight(grad.dtype), None
 
 
 class OWQLinear(nn.Module):
@@ -52,20 +73,16 @@ class OWQLinear(nn.Module):
         )
         self.register_buffer("scales", torch.ones(groups, out_features, dtype=torch.float16, **kw))
         self.register_buffer("qzeros", torch.zeros(groups, zero_words, dtype=torch.int32, **kw))
-        self.register_buffer(
-            "outlier_idx", torch.arange(num_weak, dtype=torch.int32, device=device)
-        )
-        self.oweight = nn.Parameter(torch.zeros(num_weak, out_features, dtype=torch.float16, **kw))
+        self.register_buffer("outlier_idx", torch.arange(num_weak, dtype=torch.int32, **kw))
         self.register_buffer(
             "bias", torch.zeros(out_features, dtype=torch.float16, **kw) if bias else None
         )
-        self.register_buffer(
-            "adapter_table",
-            torch.zeros(num_slots, num_weak, out_features, dtype=torch.float16, **kw),
-            persistent=False,
-        )
+        table = torch.zeros(num_slots + 1, num_weak, out_features, dtype=torch.float16, **kw)
+        self.register_buffer("weak_table", table, persistent=False)
+        self.register_parameter("trainable", None)  # WCT mode: float32 master of slot 0
+        self.parts = (Part(0, out_features, torch.arange(num_weak)),)
         self.force_reference = False
-        self._dense_cache: torch.Tensor | None = None
+        self.cpu: cpu_ops.CpuPlan | None = None
 
     @property
     def num_weak(self) -> int:
@@ -74,7 +91,20 @@ class OWQLinear(nn.Module):
     @property
     def num_slots(self) -> int:
         """Adapter slots besides slot 0 (the base's own weak columns)."""
-        return self.adapter_table.shape[0]
+        return self.weak_table.shape[0] - 1
+
+    @property
+    def oweight(self) -> torch.Tensor:
+        """[k, out]: the base's own weak columns (slot 0), or the float32 master in WCT mode."""
+        return self.trainable if self.trainable is not None else self.weak_table[0]
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size)
+
+    @property
+    def weak(self) -> WeakColumns:
+        return WeakColumns(self.outlier_idx, self.weak_table)
 
     def extra_repr(self) -> str:
         return (
@@ -103,11 +133,7 @@ class OWQLinear(nn.Module):
         point so the dense part is exactly 0 there.
         """
         out_features, in_features = codes.shape
-        idx = (
-            torch.empty(0, dtype=torch.long)
-            if outlier_idx is None
-            else outlier_idx.to(torch.long).cpu()
-        )
+        idx = torch.empty(0, dtype=torch.long) if outlier_idx is None else outlier_idx.long().cpu()
         if idx.numel() != torch.unique(idx).numel():
             raise ValueError("outlier_idx must be unique")
         layer = cls(in_features, out_features, bits, group_size, idx.numel(), bias is not None)
@@ -115,9 +141,8 @@ class OWQLinear(nn.Module):
         codes = codes.to(torch.int64).cpu().clone()
         zeros = zeros.to(torch.int64).cpu()
         if idx.numel():
-            per_group = in_features if group_size == -1 else group_size
-            codes[:, idx] = zeros[idx // per_group].t()
-            layer.oweight.data = oweight.cpu().t()[order].to(torch.float16).contiguous()
+            codes[:, idx] = zeros[group_index(in_features, group_size)[idx]].t()
+            layer.weak_table[0] = oweight.detach().cpu().t()[order].to(torch.float16)
             layer.outlier_idx = idx[order].to(torch.int32)
         layer.qweight = pack_codes(codes.t().contiguous(), bits)
         layer.scales = scales.cpu().to(torch.float16).contiguous()
@@ -143,9 +168,7 @@ class OWQLinear(nn.Module):
         weight = weight.detach().to(torch.float32).cpu()
         out_features, in_features = weight.shape
         check_layout(in_features, out_features, bits, group_size)
-        idx = (
-            torch.empty(0, dtype=torch.long) if outlier_idx is None else outlier_idx.to(torch.long)
-        )
+        idx = torch.empty(0, dtype=torch.long) if outlier_idx is None else outlier_idx.long()
         masked = weight.clone()
         masked[:, idx] = 0.0
         per_group = in_features if group_size == -1 else group_size
@@ -157,77 +180,129 @@ class OWQLinear(nn.Module):
             scales.append(scale)
             zeros.append(zero)
         return cls.from_codes(
-            torch.cat(codes, 1),
-            torch.stack(scales),
-            torch.stack(zeros).to(torch.int64),
-            bits,
-            group_size,
-            idx,
-            weight[:, idx],
-            bias,
-        )
+            torch.cat(codes, 1), torch.stack(scales), torch.stack(zeros).to(torch.int64), bits,
+            group_size, idx, weight[:, idx], bias,
+        )  # fmt: skip
+
+    # state dict: slot 0 is stored as `oweight` [k, out] fp16 ---------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination.pop(prefix + "trainable", None)
+        base = self.oweight
+        destination[prefix + "oweight"] = base if keep_vars else base.detach().half()
+
+    def _load_from_state_dict(self, state, prefix, metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state, prefix, metadata, strict, missing, unexpected, errors)
+        key = prefix + "oweight"
+        if key in unexpected:
+            unexpected.remove(key)
+        missing[:] = [m for m in missing if m != prefix + "trainable"]
+        self.cpu = None
+        if key not in state:
+            if self.num_weak:
+                missing.append(key)
+            return
+        value, k = state[key], self.outlier_idx.numel()
+        if tuple(value.shape) != (k, self.out_features):
+            errors.append(f"{key}: shape {tuple(value.shape)}, expected [{k}, {self.out_features}]")
+            return
+        table = torch.zeros(
+            self.num_slots + 1, k, self.out_features, dtype=self.weak_table.dtype,
+            device=value.device,
+        )  # fmt: skip
+        table[0] = value
+        self.weak_table = table
+        self.parts = (Part(0, self.out_features, torch.arange(k)),)
 
     # adapter slots ------------------------------------------------------------------------
-    def resize_slots(self, num_slots: int) -> None:
-        """Reallocate the slot table to `num_slots` adapter slots (all zero)."""
-        shape = (num_slots, self.num_weak, self.out_features)
-        self.adapter_table = torch.zeros(shape, dtype=torch.float16, device=self.qweight.device)
+    def resize_slots(self, num_slots: int, dtype: torch.dtype | None = None) -> None:
+        """Reallocate the slot table for `num_slots` adapter slots (zero), keeping slot 0; `dtype`
+        (default: as now) is float16 for the CUDA kernels, the compute dtype on the CPU."""
+        old = self.weak_table
+        table = old.new_zeros(num_slots + 1, *old.shape[1:], dtype=dtype or old.dtype)
+        table[0] = old[0]
+        self.weak_table = table
 
-    def set_slot(self, slot: int, columns: torch.Tensor) -> None:
-        """Write an adapter's weak columns [k, out] into slot >= 1, in place (no reallocation)."""
+    def set_slot(self, slot: int, columns: torch.Tensor | None, part: int = 0) -> None:
+        """Write one part's adapter columns [k_part, out_part] into slot >= 1, in place (None:
+        the base's own columns of that part)."""
         if not 1 <= slot <= self.num_slots:
             raise ValueError(f"slot {slot} out of range 1..{self.num_slots}")
-        if tuple(columns.shape) != (self.num_weak, self.out_features):
+        p = self.parts[part]
+        if columns is not None and tuple(columns.shape) != (p.rows.numel(), p.out_features):
             raise ValueError(
                 f"adapter columns have shape {tuple(columns.shape)}, "
-                f"expected [{self.num_weak}, {self.out_features}]"
+                f"expected [{p.rows.numel()}, {p.out_features}]"
             )
+        rows, cols = p.rows.to(self.weak_table.device), slice(p.offset, p.offset + p.out_features)
         with torch.no_grad():
-            self.adapter_table[slot - 1].copy_(columns)
+            base = self.weak_table[0, rows, cols]
+            value = base if columns is None else columns.to(self.weak_table.dtype)
+            self.weak_table[slot, rows, cols] = value
+
+    # weak column tuning -------------------------------------------------------------------
+    def train_weak_columns(self, on: bool = True) -> None:
+        """WCT mode: slot 0 becomes a trainable float32 master (`trainable`, the only parameter
+        that gets gradients); off writes it back into the slot table rounded to fp16."""
+        if on and self.trainable is None:
+            self.trainable = nn.Parameter(self.weak_table[0].detach().float().clone())
+        elif not on and self.trainable is not None:
+            with torch.no_grad():
+                self.weak_table[0] = self.trainable.detach().half()
+            self.trainable = None
 
     # compute ------------------------------------------------------------------------------
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._dense_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def prepare(self, dtype: torch.dtype, int4: bool = False) -> cpu_ops.CpuPlan:
+        """Build (or rebuild) the CPU plan for `dtype`; `int4` adds the 4-bit decode kernel."""
+        self.cpu = cpu_ops.plan(self.packed, dtype, int4)
+        return self.cpu
 
-    def invalidate_cache(self) -> None:
-        self._dense_cache = None
+    def release(self) -> None:
+        """Drop the CPU plan (it is rebuilt on the next CPU forward)."""
+        self.cpu = None
 
-    def dense_weight(self, dtype: torch.dtype, cache: bool = True) -> torch.Tensor:
-        """Dequantized dense part as [out, in] in `dtype` (weak columns 0); cached on the CPU
-        unless `cache` is False (then always a new tensor)."""
-        kept = self._dense_cache
-        if cache and kept is not None and (kept.dtype, kept.device) == (dtype, self.qweight.device):
-            return kept
-        w = dequantize(self.qweight, self.scales, self.qzeros, self.bits, self.group_size, dtype)
-        w = w.t().contiguous()
-        if cache and not w.is_cuda:
-            self._dense_cache = w
-        return w
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantized dense part [out, in] in `dtype` (weak rows 0): the CPU plan's copy on the
+        CPU (built once), a fresh tensor elsewhere."""
+        if self.qweight.is_cuda:
+            return self.packed.dequantize(dtype).t()
+        if self.cpu is None or self.cpu.dtype != dtype:
+            self.prepare(dtype, int4=self.cpu is not None and self.cpu.int4 is not None)
+        return self.cpu.weight
 
-    def channel_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(codes int32 [out, in] in [0, 2^bits), zeros int32 [out], scale fp32 [out]) with
-        dense part = (codes - zeros[:, None]) * scale[:, None], for a layer with one group
-        (per-output-channel scales); None for grouped layers. Weak columns hold their zero."""
-        if self.group_size != -1:
-            return None
-        codes = unpack_codes(self.qweight, self.bits).t().to(torch.int32).contiguous()
-        zeros = unpack_zeros(self.qzeros, self.bits, self.out_features)[0].to(torch.int32)
-        return codes, zeros, self.scales[0].float()
+    def _needs_twin(self, x: torch.Tensor) -> bool:
+        """WCT mode (slot 0 is the master, also under no_grad) or autograd to x / the table."""
+        if self.trainable is not None:
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or self.weak_table.requires_grad)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, ..., in]; slots: int [B] adapter slot per leading row (None = slot 0)."""
+    def _torch_forward(self, x: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+        """The twin path with autograd to x and the weak columns (never to the packed base)."""
+        y = _FrozenDense.apply(x, self)
+        if self.num_weak:
+            table = self.weak_table
+            if self.trainable is not None:
+                master = self.trainable
+                table = torch.cat([master.unsqueeze(0), table[1:].to(master.dtype)])
+            y = y + reference.weak_columns_product(x, WeakColumns(self.outlier_idx, table), slots)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False
+    ) -> torch.Tensor:
+        """x: [B, ..., in]; slots: int [B] adapter slot per leading row (None = slot 0);
+        decode: a decode step (one token per row), which may take a faster kernel."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
+        if self._needs_twin(x):
+            return self._torch_forward(x, slots)
         if x.is_cuda and not self.force_reference:
             from . import cuda_ops
 
             if cuda_ops.available():
-                return cuda_ops.owq_linear_forward(self, x, slots)
-        y = F.linear(x, self.dense_weight(x.dtype))
-        if self.num_weak:
-            table = self.adapter_table if slots is not None else None
-            y = y + reference.weak_columns_product(x, self.outlier_idx, self.oweight, table, slots)
-        if self.bias is not None:
-            y = y + self.bias.to(x.dtype)
-        return y
+                return cuda_ops.linear_forward(x, self.packed, self.weak, self.bias, slots)
+        if x.is_cuda or self.force_reference:
+            return reference.owq_matmul(x, self.packed, self.weak, self.bias, slots)
+        if self.cpu is None or self.cpu.dtype != x.dtype:
+            self.prepare(x.dtype)
+        return cpu_ops.linear(x, self.cpu, self.weak, self.bias, slots, decode)

@@ -49,6 +49,14 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else in_features // group_size
 
 
+def group_index(
+    in_features: int, group_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """long [in]: the group of each input row, i // group_size (one group for -1; no g_idx)."""
+    size = in_features if group_size == -1 else group_size
+    return torch.arange(in_features, device=device) // size
+
+
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: int [R, C] with R % 32 == 0 -> int32 [R * bits / 32, C], bitstream along R."""
     rows, cols = codes.shape
@@ -133,7 +141,6 @@ def dequantize(
     codes = unpack_codes(qweight, bits)
     in_features, out_features = codes.shape
     zeros = unpack_zeros(qzeros, bits, out_features)
-    per_group = in_features if group_size == -1 else group_size
-    groups = torch.arange(in_features, device=codes.device) // per_group
+    groups = group_index(in_features, group_size, codes.device)
     centered = (codes - zeros[groups]).to(torch.float32)
     return (centered * scales.to(torch.float32)[groups]).to(dtype)

@@ -15,7 +15,7 @@ import sys
 COMMANDS = (
     "owq.quantizer.quantize_cli",
     "owq.quantizer.eval_cli",
-    "owq.quantizer.tune_cli",
+    "owq.quantizer.tuning.cli",
     "owq.quantizer.adapters_cli",
     "owq.server.cli",
 )
@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
-    from owq.austen import CorpusMissing
-    from owq.default_model import ModelMissing
+    from owq.builtin.corpus import CorpusMissing
+    from owq.builtin.model import ModelMissing
     from owq.kernels.checkpoint import CheckpointError
 
     return (
@@ -70,6 +70,9 @@ def one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from owq.default_checkpoint import default_adapters_dir, default_checkpoint
+
+    args.default_checkpoint, args.default_adapters_dir = default_checkpoint, default_adapters_dir
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

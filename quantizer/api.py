@@ -41,7 +41,7 @@ def _settings(settings: QuantizeSettings | None, fields: dict) -> QuantizeSettin
 def _load(model, tokenizer):
     if isinstance(model, nn.Module):
         return model.eval(), tokenizer, type(model).__name__
-    from owq.default_model import display_name, load_float_model
+    from owq.builtin.model import display_name, load_float_model
 
     lm, tok = load_float_model(str(model))
     return lm, tok, display_name(str(model))

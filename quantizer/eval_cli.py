@@ -46,7 +46,7 @@ def evaluate_one(
 
     from owq.kernels.bits import checkpoint_bits
     from owq.kernels.checkpoint import is_checkpoint
-    from owq.models import load_model
+    from owq.quantizer.models import load_model
     from owq.quantizer.perplexity import perplexity
 
     model, tokenizer, name = load_model(model_arg)

@@ -111,7 +111,7 @@ def settings_from_args(args):
 def _check_paths(args) -> None:
     from pathlib import Path
 
-    from owq.default_model import resolve_source
+    from owq.builtin.model import resolve_source
 
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"output path {args.out} exists (use --overwrite to replace it)")

@@ -1,16 +1,18 @@
 """Settings of one quantization run: a typed frozen dataclass, its validation and defaults.
 
-Shared by the API, the CLI and the driver; knows no tensors, models or files.
+Shared by the API, the CLI and the driver; knows no tensors, models or files (the
+layout's bit-widths and group sizes come from `kernels.packing`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from owq.kernels.packing import SUPPORTED_BITS as WBITS
+from owq.kernels.packing import SUPPORTED_GROUP_SIZES as GROUP_SIZES
+
 METHODS = ("rtn", "gptq", "owq")
 ALLOCATIONS = ("uniform", "global")
-WBITS = (2, 3, 4)
-GROUP_SIZES = (-1, 32, 64, 128)
 DEFAULT_OWQ_EXTRA_BITS = 0.05  # like the paper's small-model rows (Table 1, marked *)
 
 

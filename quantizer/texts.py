@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from owq import austen
+from owq.builtin import corpus as austen
 
 
 def _read_file(spec: str) -> str:

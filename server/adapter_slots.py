@@ -1,7 +1,8 @@
 """The device slot table of adapter weak columns, owned by the model thread.
 
 Slot 0 is the base's own columns; slots 1..S hold adapter versions, written in place with
-`OWQLinear.set_slot` (no reallocation) between steps. A slot is pinned while any admitted
+`OWQLinear.set_slot` (no reallocation) between steps, one stored layer (a `Part` of a possibly
+fused runtime layer) at a time. A slot is pinned while any admitted
 request uses it and is only rewritten when unpinned: least recently used first, empty first of
 all. `acquire` returns None when every slot is pinned (the request waits in the queue). Knows
 `OWQLinear` slots and adapter handles; nothing about HTTP, files or scheduling order.
@@ -10,9 +11,6 @@ all. `acquire` returns None when every slot is pinned (the request waits in the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
-import torch
 
 from owq.kernels import OWQLinear
 
@@ -22,9 +20,13 @@ log = logging.getLogger(__name__)
 
 
 class SlotTable:
-    def __init__(self, layers: dict[str, OWQLinear], num_slots: int, on_write=None):
-        self.on_write: Callable[[int], None] | None = on_write  # e.g. the runtime's refresh_slot
-        self.layers = {name: layer for name, layer in layers.items() if layer.num_weak}
+    def __init__(self, targets: dict[str, tuple[OWQLinear, int]], num_slots: int):
+        # stored layer name -> (runtime layer, part) for every part with weak columns
+        self.targets = {
+            name: (layer, part)
+            for name, (layer, part) in targets.items()
+            if layer.parts[part].rows.numel()
+        }
         self.num_slots = num_slots
         self.keys: list[tuple[str, int] | None] = [None] * (num_slots + 1)  # index = slot
         self.pins = [0] * (num_slots + 1)
@@ -68,12 +70,8 @@ class SlotTable:
 
     def _write(self, slot: int, handle: AdapterHandle) -> None:
         """Layers the adapter does not cover get the base's own columns."""
-        with torch.no_grad():
-            for name, layer in self.layers.items():
-                cols = handle.columns.get(name)
-                layer.set_slot(slot, layer.oweight.detach() if cols is None else cols)
-        if self.on_write is not None:
-            self.on_write(slot)
+        for name, (layer, part) in self.targets.items():
+            layer.set_slot(slot, handle.columns.get(name), part)
         self.keys[slot] = handle.key
         self.writes += 1
         log.debug("slot %d <- adapter %s v%d", slot, *handle.key)

@@ -1,8 +1,9 @@
 """`owq serve`: the OpenAI-compatible server on uvicorn (one worker, graceful shutdown).
 
-With no CKPT it serves the built-in default checkpoint (quantized once into the cache dir by
-`owq.default_checkpoint`) with `examples/adapters/` when present. Parses arguments, builds the
-engine and the app, runs uvicorn; knows nothing about routes or tensors.
+With no CKPT it serves the built-in default checkpoint with `examples/adapters/` when present;
+the command line root hands both in (`args.default_checkpoint`, `args.default_adapters_dir`:
+callables), so the server never imports the quantizer that makes the default. Parses
+arguments, builds the engine and the app, runs uvicorn; knows nothing about routes or tensors.
 """
 
 from __future__ import annotations
@@ -88,9 +89,7 @@ def resolve_paths(args) -> tuple[Path, Path | None]:
     from owq.kernels.checkpoint import CheckpointError, read_quant_config
 
     if args.ckpt is None:
-        from owq.default_checkpoint import default_adapters_dir, default_checkpoint
-
-        return default_checkpoint(), args.adapters or default_adapters_dir()
+        return args.default_checkpoint(), args.adapters or args.default_adapters_dir()
     ckpt = Path(args.ckpt)
     read_quant_config(ckpt)  # CheckpointError with one line if it is not a checkpoint
     if args.adapters is not None and not args.adapters.is_dir():

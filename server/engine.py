@@ -52,7 +52,7 @@ class EngineConfig:
     prefill_chunk: int = 256
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
-    packed_decode: bool = True  # CPU: the 4-bit packed kernel for decode steps (projection.py)
+    packed_decode: bool = True  # CPU: the 4-bit kernel for decode steps (kernels.cpu_ops)
 
     @property
     def slots(self) -> int:
@@ -87,13 +87,15 @@ class Engine:
         self.config = config
         self.hf_model = model
         layers = owq_layers(model)
+        on_cuda = str(config.device).startswith("cuda")
+        table_dtype = torch.float16 if on_cuda else config.compute_dtype  # kernels' / CPU GEMM's
         for layer in layers.values():
-            layer.resize_slots(config.slots)
+            layer.resize_slots(config.slots, table_dtype)
         self.runtime = build_runtime(model, config.max_context)
         self.max_context = self.runtime.max_context
         self.vocab_size = self.runtime.head.shape[0]
         self.cache = KVCache(self.runtime.cache_shape(config.max_batch))
-        self.slots = SlotTable(layers, config.slots, self.runtime.refresh_slot)
+        self.slots = SlotTable(self.runtime.targets, config.slots)
         shapes = {n: (m.num_weak, m.out_features) for n, m in layers.items() if m.num_weak}
         self.adapters = AdapterRegistry(
             adapters_dir, base_fingerprint(model), shapes, model_name, observer

@@ -2,7 +2,7 @@
 
 import pytest
 
-from owq import austen
+from owq.builtin import corpus as austen
 
 FIRST_SENTENCES = {
     "sense_and_sensibility": "The family of Dashwood had long been settled in Sussex.",

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 
-from owq import default_model
+from owq.builtin import model as default_model
 from owq.cli import main
 
 

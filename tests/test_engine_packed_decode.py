@@ -15,12 +15,23 @@ from engine_fixtures import (
     tiny_quantized_model,
 )
 
+from owq.kernels import OWQLinear
+from owq.kernels.cpu_ops import INT4_MAX_ROWS as PACKED_MAX_ROWS
+from owq.kernels.cpu_ops import channel_codes
+from owq.kernels.fused import fuse
 from owq.server.engine import Engine
 from owq.server.protocol import GenerationRequest, SamplingParams
 from owq.server.runtime import KVCache, build_runtime, step_index
-from owq.server.runtime.projection import PACKED_MAX_ROWS, SlotProjection, projections
 
 KINDS = ["llama", "opt", "gpt2"]
+
+
+def projections(runtime) -> list[OWQLinear]:
+    return [m for m in runtime.modules() if isinstance(m, OWQLinear)]
+
+
+def packed(layer: OWQLinear) -> bool:
+    return layer.cpu is not None and layer.cpu.int4 is not None
 
 
 def close_tol(ref: torch.Tensor) -> float:
@@ -38,13 +49,13 @@ def test_projection_equals_its_bf16_emulation(rows):
         model.model.decoder.layers[0].self_attn.q_proj,
         model.model.decoder.layers[0].self_attn.v_proj,
     ]
-    proj = SlotProjection(*layers)
-    proj.prepare(torch.float32, packed=True)
-    assert proj.packed is not None
+    proj = fuse(layers)
+    proj.prepare(torch.float32, int4=True)
+    assert packed(proj)
     x = torch.randn(rows, 1, layers[0].in_features, generator=torch.Generator().manual_seed(1))
     parts = []
     for layer in layers:
-        codes, zeros, scale = layer.channel_codes()
+        codes, zeros, scale = channel_codes(layer.packed)
         w = (codes - zeros[:, None]).float() * scale.bfloat16().float()[:, None]
         dense = (x.bfloat16().float() @ w.t()).bfloat16().float()
         weak = x[..., layer.outlier_idx.long()] @ layer.oweight.float()
@@ -72,8 +83,8 @@ def runtimes(model):
 def test_prefill_exact_decode_close(kind):
     model = tiny_quantized_model(kind, group_size=-1, bits=3)
     exact, fast = runtimes(model)
-    assert all(p.packed is not None for p in projections(fast))
-    assert all(p.packed is None for p in projections(exact))
+    assert all(packed(p) for p in projections(fast))
+    assert all(not packed(p) for p in projections(exact))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(1, 128, (1, PACKED_MAX_ROWS + 8), generator=gen)
     n = PACKED_MAX_ROWS + 4
@@ -114,7 +125,7 @@ def test_mixed_slots_on_the_packed_path(kind):
 def test_grouped_or_4bit_layers_keep_the_fp32_path(group_size, bits):
     model = tiny_quantized_model("llama", group_size=group_size, bits=bits)
     _, fast = runtimes(model)
-    assert all(p.packed is None for p in projections(fast))
+    assert all(not packed(p) for p in projections(fast))
 
 
 def test_tokens_do_not_depend_on_the_batch(tmp_path):
@@ -141,7 +152,7 @@ def test_tokens_do_not_depend_on_the_batch(tmp_path):
         return alone, together
 
     alone, together = asyncio.run(main())
-    assert all(p.packed is not None for p in projections(engine.runtime))
+    assert all(packed(p) for p in projections(engine.runtime))
     assert len(alone) == 12
     assert [t for t, _ in together[0]] == [t for t, _ in alone]
     assert max(abs(a - b) for (_, a), (_, b) in zip(alone, together[0], strict=True)) < 1e-4

@@ -99,13 +99,13 @@ def test_slot_rewritten_after_first_step_single_row(hf_model):
     for seed in (7, 8):
         adapter = random_adapter(hf_model, f"a{seed}", seed=seed)
         for name, cols in adapter.columns.items():
-            layers[name].set_slot(3, cols)
-        rt.refresh_slot(3)
+            layer, part = rt.targets[name]
+            layer.set_slot(3, cols, part)
         merged = copy.deepcopy(hf_model)
         apply_adapter(merged, adapter)
         outs.append(run(rt, cache, tokens, 0, 0, slots=torch.tensor([3])))
         torch.testing.assert_close(outs[-1], reference(merged, tokens), atol=ATOL, rtol=0)
-        assert all(layer._dense_cache is None for layer in layers.values())
+        assert all(layer.cpu is None for layer in layers.values())
     assert not torch.allclose(outs[0], outs[1], atol=1e-2)
 
 
@@ -123,7 +123,7 @@ def test_cache_rows_move(hf_model):
 @pytest.mark.slow
 def test_default_model_runtime_matches_transformers():
     """SmolLM2-135M (30 layers, GQA 9/3, tied head) quantized with RTN + weak columns."""
-    from owq.default_model import load_float_model
+    from owq.builtin.model import load_float_model
     from owq.kernels import OWQLinear
     from owq.kernels.families import family_of, linear_weight, quantized_linear_paths, set_module
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from owq.kernels import OWQLinear
+from owq.kernels.cpu_ops import channel_codes
 from owq.kernels.reference import owq_matmul
 
 IN, OUT = 128, 48
@@ -34,22 +35,8 @@ def test_matches_float_reference(batch, k, bits, group_size):
     x = torch.randn(batch, IN)
     expected = x @ dense.t() + bias
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(
-        owq_matmul(
-            x,
-            layer.qweight,
-            layer.scales,
-            layer.qzeros,
-            layer.outlier_idx,
-            layer.oweight,
-            bits,
-            group_size,
-            layer.bias,
-        ),
-        expected,
-        rtol=1e-5,
-        atol=1e-4,
-    )
+    twin = owq_matmul(x, layer.packed, layer.weak, layer.bias)
+    torch.testing.assert_close(twin, expected, rtol=1e-5, atol=1e-4)
 
 
 def test_three_dim_input():
@@ -70,9 +57,8 @@ def test_weak_rows_of_dense_part_are_exactly_zero():
 @pytest.mark.parametrize("bits,group_size", [(2, -1), (3, -1), (4, -1), (3, 32)])
 def test_channel_codes_times_scale_is_the_dense_part(bits, group_size):
     layer, _, _ = build(bits, group_size, k=8, bias=False)
-    dense = layer.dense_weight(torch.float32, cache=False)
-    assert layer._dense_cache is None
-    found = layer.channel_codes()
+    dense = layer.packed.dequantize(torch.float32).t()
+    found = channel_codes(layer.packed)
     if group_size != -1:
         assert found is None  # per-group scales: no per-channel form
         return
@@ -121,19 +107,35 @@ def test_slot_errors():
         layer(torch.zeros(2, 64))
 
 
-def test_gradients_reach_oweight_and_x_never_codes():
+def test_gradients_reach_every_used_slot_and_x_never_codes():
     layer, _, _ = build(k=8)
     layer.resize_slots(1)
-    layer.adapter_table.requires_grad_(True)
+    layer.weak_table.requires_grad_(True)
     x = torch.randn(3, IN, requires_grad=True)
     layer(x, torch.tensor([0, 1, 0])).square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert layer.oweight.grad is not None and layer.oweight.grad.abs().sum() > 0
-    assert layer.adapter_table.grad is not None and layer.adapter_table.grad.abs().sum() > 0
+    grad = layer.weak_table.grad
+    assert grad is not None and grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0
     for name in ("qweight", "scales", "qzeros", "outlier_idx"):
         tensor = getattr(layer, name)
         assert not tensor.requires_grad and tensor.grad is None, name
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["oweight"]
+
+
+def test_wct_mode_trains_only_slot_0_and_writes_back_fp16():
+    layer, dense, bias = build(k=8)
+    x = torch.randn(3, IN)
+    layer.train_weak_columns()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["trainable"]
+    torch.testing.assert_close(layer(x), x @ dense.t() + bias, rtol=1e-5, atol=1e-4)
+    layer(x).square().sum().backward()
+    assert layer.trainable.grad is not None and layer.trainable.grad.abs().sum() > 0
+    with torch.no_grad():
+        layer.trainable.add_(0.123)
+    moved = layer.trainable.detach().half()
+    layer.train_weak_columns(False)
+    assert list(layer.named_parameters()) == []
+    assert torch.equal(layer.oweight, moved) and layer.oweight.dtype == torch.float16
+    assert torch.equal(layer.state_dict()["oweight"], moved)
 
 
 def test_from_float_keeps_weak_columns_exact_and_quantizes_the_rest():

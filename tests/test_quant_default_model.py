@@ -9,7 +9,7 @@ SETTINGS = {"nsamples": 16, "seqlen": 256}
 
 @pytest.mark.slow
 def test_owq_beats_gptq_beats_rtn_on_persuasion(tmp_path):
-    from owq.default_model import ModelMissing, default_gguf_path
+    from owq.builtin.model import ModelMissing, default_gguf_path
     from owq.quantizer.api import quantize
     from owq.quantizer.eval_cli import evaluate_one
     from owq.quantizer.texts import eval_text

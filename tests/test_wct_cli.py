@@ -13,7 +13,7 @@ from owq.cli import main
 from owq.kernels.adapters import CONFIG_NAME, WEIGHTS_NAME, load_adapter
 from owq.kernels.checkpoint import base_fingerprint, load_checkpoint
 from owq.quantizer.adapters import AdapterUsageError, apply_adapter
-from owq.quantizer.tune_data import DataError, load_examples
+from owq.quantizer.tuning.data import DataError, load_examples
 from tests.test_wct_support import make_checkpoint, single_thread, task_records, write_records
 
 __all__ = ["single_thread"]

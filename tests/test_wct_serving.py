@@ -19,8 +19,8 @@ from owq.kernels.adapters import Adapter, load_adapter, save_adapter
 from owq.kernels.checkpoint import load_checkpoint
 from owq.kernels.owq_linear import OWQLinear
 from owq.quantizer.adapters import apply_adapter
-from owq.quantizer.tune import TuneConfig, make_adapter, tune_weak_columns
-from owq.quantizer.tune_data import load_examples
+from owq.quantizer.tuning.data import load_examples
+from owq.quantizer.tuning.tune import TuneConfig, make_adapter, tune_weak_columns
 from owq.server.engine import Engine
 from owq.server.protocol import GenerationRequest, SamplingParams, TokenOutput
 from tests.test_wct_support import make_checkpoint, single_thread, task_records, write_records

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import wct_tasks as tune_tasks
 from transformers import AutoTokenizer
+from wct_lora import lora_params_per_rank, rank_for_budget, trainable, wrap_lora
 
 from owq.kernels.checkpoint import load_checkpoint
 from owq.kernels.owq_linear import OWQLinear
-from owq.quantizer import tune_tasks
-from owq.quantizer.tune import TuneConfig, select_layers, train
-from owq.quantizer.tune_data import load_examples
-from owq.quantizer.tune_lora import lora_params_per_rank, rank_for_budget, trainable, wrap_lora
-from owq.quantizer.tune_memory import training_forward
+from owq.quantizer.tuning.data import load_examples
+from owq.quantizer.tuning.tune import TuneConfig, select_layers, train
 from tests.test_wct_support import make_checkpoint, single_thread, task_records, write_records
 
 __all__ = ["single_thread"]
@@ -113,8 +112,7 @@ def test_lora_wraps_owq_linear_and_trains_only_lora(checkpoint, tmp_path):
     assert sum(p.numel() for p in params) == rank * lora_params_per_rank(model)
     tok = AutoTokenizer.from_pretrained(checkpoint)
     examples = load_examples(write_records(tmp_path / "t.jsonl", task_records()), tok, 64)
-    with training_forward(peft_model):
-        result = train(peft_model, params, examples, TuneConfig(max_steps=6, lr=1e-2, batch_size=3))
+    result = train(peft_model, params, examples, TuneConfig(max_steps=6, lr=1e-2, batch_size=3))
     assert result.final_loss < result.first_loss
     base = peft_model.get_base_model().state_dict()
     for name, tensor in before.items():

@@ -13,8 +13,16 @@ import torch
 from torch import nn
 
 from .kv_cache import CacheShape, KVCache, StepIndex, attention, group_mask
-from .layers import activation, apply_rope, rms_norm, rope_inv_freq, rope_tables, select_logits
-from .projection import SlotProjection, prepare_projections, projections
+from .layers import (
+    activation,
+    apply_rope,
+    fused_projection,
+    prepare_layers,
+    rms_norm,
+    rope_inv_freq,
+    rope_tables,
+    select_logits,
+)
 
 
 @dataclass(frozen=True)
@@ -43,14 +51,16 @@ class LlamaArgs:
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, hf_layer: nn.Module, args: LlamaArgs, index: int):
+    def __init__(self, hf_layer: nn.Module, args: LlamaArgs, index: int, targets: dict):
         super().__init__()
-        attn, mlp = hf_layer.self_attn, hf_layer.mlp
-        self.qkv = SlotProjection(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.qk_size = self.qkv.sizes[0] + self.qkv.sizes[1]
-        self.o = SlotProjection(attn.o_proj)
-        self.gate_up = SlotProjection(mlp.gate_proj, mlp.up_proj)
-        self.down = SlotProjection(mlp.down_proj)
+        prefix = f"model.layers.{index}."
+        attn_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        self.qkv, self.qkv_sizes = fused_projection(hf_layer, prefix, attn_names, targets)
+        self.qk_size = self.qkv_sizes[0] + self.qkv_sizes[1]
+        self.o, _ = fused_projection(hf_layer, prefix, ("self_attn.o_proj",), targets)
+        mlp_names = ("mlp.gate_proj", "mlp.up_proj")
+        self.gate_up, self.gate_up_sizes = fused_projection(hf_layer, prefix, mlp_names, targets)
+        self.down, _ = fused_projection(hf_layer, prefix, ("mlp.down_proj",), targets)
         self.attn_norm = hf_layer.input_layernorm.weight
         self.mlp_norm = hf_layer.post_attention_layernorm.weight
         self.args, self.index = args, index
@@ -62,14 +72,14 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        qk, v = self.qkv(h, slots, step.decode).split([self.qk_size, self.qkv.sizes[2]], dim=-1)
+        qk, v = self.qkv(h, slots, step.decode).split([self.qk_size, self.qkv_sizes[2]], dim=-1)
         qk = apply_rope(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), *rope)  # q, k at once
         q, k = qk.split([a.heads, a.kv_heads], dim=2)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
         x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.decode)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        gate, up = self.gate_up(h, slots, step.decode).split(self.gate_up.sizes, dim=-1)
+        gate, up = self.gate_up(h, slots, step.decode).split(self.gate_up_sizes, dim=-1)
         return x + self.down(self.act(gate) * up, slots, step.decode)
 
 
@@ -81,8 +91,9 @@ class LlamaRuntime(nn.Module):
         config = hf_model.config
         self.args = a = LlamaArgs.from_config(config)
         self.embed = hf_model.model.embed_tokens.weight
+        self.targets: dict = {}  # stored layer name -> (fused OWQLinear, part)
         self.blocks = nn.ModuleList(
-            LlamaBlock(layer, a, i) for i, layer in enumerate(hf_model.model.layers)
+            LlamaBlock(layer, a, i, self.targets) for i, layer in enumerate(hf_model.model.layers)
         )
         self.norm = hf_model.model.norm.weight
         self.head = hf_model.lm_head.weight
@@ -91,14 +102,10 @@ class LlamaRuntime(nn.Module):
         self.cos, self.sin = cos.to(self.embed), sin.to(self.embed)
         self.max_context = max_context
 
-    def refresh_slot(self, slot: int) -> None:
-        for proj in projections(self):
-            proj.refresh(slot)
-
     def prepare(self, packed: bool = True) -> None:
-        """Fuse every projection's weights in the compute dtype, with the 4-bit packed decode
-        kernel where it applies (see projection.py); before the first step."""
-        prepare_projections(self, self.embed.dtype, packed)
+        """Every projection's CPU plan in the compute dtype, with the 4-bit decode kernel where
+        it applies (`kernels.cpu_ops`); before the first step."""
+        prepare_layers(self, self.embed.dtype, packed)
 
     def cache_shape(self, rows: int) -> CacheShape:
         a = self.args

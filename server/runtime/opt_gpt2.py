@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from .kv_cache import CacheShape, KVCache, StepIndex, attention
-from .layers import activation, layer_norm, select_logits
-from .projection import SlotProjection, prepare_projections, projections
+from .layers import activation, fused_projection, layer_norm, prepare_layers, select_logits
 
 
 @dataclass(frozen=True)
@@ -31,11 +30,13 @@ class BlockArgs:
 class NormMLPBlock(nn.Module):
     """One OPT / GPT-2 decoder block (fused or separate q/k/v; pre- or post-norm)."""
 
-    def __init__(self, attn_proj, out_proj, fc1, fc2, norms, args: BlockArgs, index: int):
+    def __init__(self, layer, names: dict, norms, args: BlockArgs, index: int, targets: dict):
         super().__init__()
-        self.qkv = SlotProjection(*attn_proj)  # [c_attn] or [q, k, v]: one fused product
-        self.out = SlotProjection(out_proj)
-        self.fc1, self.fc2 = SlotProjection(fc1), SlotProjection(fc2)
+        prefix = f"{names['blocks']}.{index}."
+        self.qkv, _ = fused_projection(layer, prefix, names["qkv"], targets)  # one product
+        self.out, _ = fused_projection(layer, prefix, names["out"], targets)
+        self.fc1, _ = fused_projection(layer, prefix, names["fc1"], targets)
+        self.fc2, _ = fused_projection(layer, prefix, names["fc2"], targets)
         self.norm1, self.norm2 = norms  # LayerNorm modules (weights read, forward never called)
         self.args, self.index = args, index
         self.act = activation(args.act)
@@ -63,8 +64,9 @@ class NormMLPBlock(nn.Module):
 class NormMLPRuntime(nn.Module):
     """forward(tokens [B, T], step, cache, slots [B] | None, logits) -> logits or None."""
 
-    def __init__(self, parts: dict, blocks: list[NormMLPBlock], max_context: int):
+    def __init__(self, parts: dict, blocks: list[NormMLPBlock], max_context: int, targets: dict):
         super().__init__()
+        self.targets = targets  # stored layer name -> (fused OWQLinear, part)
         self.embed, self.pos_embed = parts["embed"], parts["pos_embed"]
         self.pos_offset = parts["pos_offset"]
         self.project_in, self.project_out = parts["project_in"], parts["project_out"]
@@ -74,14 +76,10 @@ class NormMLPRuntime(nn.Module):
         self.kv_heads, self.head_dim = a.heads, a.head_dim
         self.max_context = max_context
 
-    def refresh_slot(self, slot: int) -> None:
-        for proj in projections(self):
-            proj.refresh(slot)
-
     def prepare(self, packed: bool = True) -> None:
-        """Fuse every projection's weights in the compute dtype, with the 4-bit packed decode
-        kernel where it applies (see projection.py); before the first step."""
-        prepare_projections(self, self.embed.dtype, packed)
+        """Every projection's CPU plan in the compute dtype, with the 4-bit decode kernel where
+        it applies (`kernels.cpu_ops`); before the first step."""
+        prepare_layers(self, self.embed.dtype, packed)
 
     def cache_shape(self, rows: int) -> CacheShape:
         return CacheShape(
@@ -104,21 +102,36 @@ class NormMLPRuntime(nn.Module):
         return select_logits(x, self.head, logits)
 
 
-def _opt_block(layer, config, index: int) -> NormMLPBlock:
-    attn = layer.self_attn
+OPT_NAMES = {
+    "blocks": "model.decoder.layers",
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "out": ("self_attn.out_proj",),
+    "fc1": ("fc1",),
+    "fc2": ("fc2",),
+}
+GPT2_NAMES = {
+    "blocks": "transformer.h",
+    "qkv": ("attn.c_attn",),
+    "out": ("attn.c_proj",),
+    "fc1": ("mlp.c_fc",),
+    "fc2": ("mlp.c_proj",),
+}
+
+
+def _opt_block(layer, config, index: int, targets: dict) -> NormMLPBlock:
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     args = BlockArgs(
         heads, head_dim, config.activation_function, config.do_layer_norm_before, head_dim**-0.5
     )
     norms = (layer.self_attn_layer_norm, layer.final_layer_norm)
-    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-    return NormMLPBlock(projs, attn.out_proj, layer.fc1, layer.fc2, norms, args, index)
+    return NormMLPBlock(layer, OPT_NAMES, norms, args, index, targets)
 
 
 def build_opt(hf_model: nn.Module, max_context: int) -> NormMLPRuntime:
     config, decoder = hf_model.config, hf_model.model.decoder
-    blocks = [_opt_block(layer, config, i) for i, layer in enumerate(decoder.layers)]
+    targets: dict = {}
+    blocks = [_opt_block(layer, config, i, targets) for i, layer in enumerate(decoder.layers)]
     parts = {
         "embed": decoder.embed_tokens.weight,
         "pos_embed": decoder.embed_positions.weight,
@@ -128,10 +141,10 @@ def build_opt(hf_model: nn.Module, max_context: int) -> NormMLPRuntime:
         "final_norm": decoder.final_layer_norm,
         "head": hf_model.lm_head.weight,
     }
-    return NormMLPRuntime(parts, blocks, max_context)
+    return NormMLPRuntime(parts, blocks, max_context, targets)
 
 
-def _gpt2_block(layer, config, index: int) -> NormMLPBlock:
+def _gpt2_block(layer, config, index: int, targets: dict) -> NormMLPBlock:
     heads = config.n_head
     head_dim = config.n_embd // heads
     scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -139,13 +152,13 @@ def _gpt2_block(layer, config, index: int) -> NormMLPBlock:
         scale /= float(index + 1)
     args = BlockArgs(heads, head_dim, config.activation_function, True, scale)
     norms = (layer.ln_1, layer.ln_2)
-    attn, mlp = layer.attn, layer.mlp
-    return NormMLPBlock([attn.c_attn], attn.c_proj, mlp.c_fc, mlp.c_proj, norms, args, index)
+    return NormMLPBlock(layer, GPT2_NAMES, norms, args, index, targets)
 
 
 def build_gpt2(hf_model: nn.Module, max_context: int) -> NormMLPRuntime:
     config, body = hf_model.config, hf_model.transformer
-    blocks = [_gpt2_block(layer, config, i) for i, layer in enumerate(body.h)]
+    targets: dict = {}
+    blocks = [_gpt2_block(layer, config, i, targets) for i, layer in enumerate(body.h)]
     parts = {
         "embed": body.wte.weight,
         "pos_embed": body.wpe.weight,
@@ -156,4 +169,4 @@ def build_gpt2(hf_model: nn.Module, max_context: int) -> NormMLPRuntime:
         "head": hf_model.lm_head.weight,
     }
     with torch.no_grad():
-        return NormMLPRuntime(parts, blocks, max_context)
+        return NormMLPRuntime(parts, blocks, max_context, targets)

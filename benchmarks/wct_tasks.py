@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from owq.austen import HELD_OUT, read_novels
+from owq.builtin.corpus import HELD_OUT, read_novels
 
 TITLES = {
     "sense_and_sensibility": "Sense and Sensibility",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from owq.default_model import display_name, load_float_model
+from owq.builtin.model import display_name, load_float_model
 from owq.kernels.checkpoint import is_checkpoint, load_checkpoint
 
 

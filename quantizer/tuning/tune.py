@@ -2,9 +2,9 @@
 
 The low-precision base (packed codes, scales, zeros, embeddings, norms, other layers' weak
 columns) is frozen with `requires_grad=False`; each chosen `OWQLinear` trains its fp16 weak
-columns [k, out] through an fp32 master copy: the layer's `oweight` is swapped for a float32 clone
-for the duration of training (AdamW states are float32 too) and written back as fp16 at the end,
-so the tuned model is again a plain OWQ model whose `oweight` is what the adapter stores. The
+columns [k, out] in its WCT mode (`train_weak_columns`): a float32 master for the duration of
+training (AdamW states are float32 too), written back as fp16 at the end, so the tuned model is
+again a plain OWQ model whose `oweight` is what the adapter stores. The
 training loop (`train`) is generic over the parameters it gets, so the LoRA baseline of the
 benchmark runs through exactly the same batches, steps and loss. Knows models, not files or CLIs.
 """
@@ -25,8 +25,8 @@ from owq.kernels.adapters import Adapter, adapter_from_model
 from owq.kernels.families import family_of, quantized_linear_paths
 from owq.kernels.owq_linear import OWQLinear
 
-from .tune_data import IGNORE, Batch, Example, collate, epoch_batches
-from .tune_memory import dense_cache_bytes, peak_rss_bytes, training_forward
+from .data import IGNORE, Batch, Example, collate, epoch_batches
+from .memory import dense_cache_bytes, peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +125,22 @@ def _linear_name(path: str, blocks: str) -> str:
 
 
 def prepare_weak_columns(model: nn.Module, layers: list[str]) -> dict[str, nn.Parameter]:
-    """Freeze every parameter; give each chosen layer a float32 master `oweight` that trains."""
+    """Freeze every parameter; put each chosen layer in WCT mode (a float32 master of its own
+    weak columns, `OWQLinear.train_weak_columns`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     masters = {}
     for path in layers:
         layer = model.get_submodule(path)
-        layer.oweight = nn.Parameter(layer.oweight.detach().float().clone())
-        masters[path] = layer.oweight
+        layer.train_weak_columns()
+        masters[path] = layer.trainable
     return masters
 
 
 def finish_weak_columns(model: nn.Module, masters: dict[str, nn.Parameter]) -> None:
-    """Write the masters back as frozen fp16 `oweight` (the stored dtype)."""
-    for path, master in masters.items():
-        layer = model.get_submodule(path)
-        layer.oweight = nn.Parameter(master.detach().half(), requires_grad=False)
+    """End WCT mode: the masters go back into the layers' slot 0 as fp16 (the stored dtype)."""
+    for path in masters:
+        model.get_submodule(path).train_weak_columns(False)
 
 
 def count_parameters(params) -> int:
@@ -304,10 +304,8 @@ def tune_weak_columns(
         count_parameters(masters.values()),
     )
     try:
-        with training_forward(model):
-            result = train(
-                model, list(masters.values()), examples, cfg, eval_examples, pad_id, progress
-            )
+        params = list(masters.values())
+        result = train(model, params, examples, cfg, eval_examples, pad_id, progress)
     finally:
         finish_weak_columns(model, masters)
     return layers, result

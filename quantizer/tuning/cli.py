@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 
 
 def _config(args, context: int):
-    from owq.quantizer.tune import TuneConfig
+    from owq.quantizer.tuning.tune import TuneConfig
 
     max_len = args.max_len or context
     if max_len > context:
@@ -75,8 +75,8 @@ def run(args) -> int:
 
     from owq.kernels.adapters import save_adapter
     from owq.kernels.checkpoint import load_checkpoint
-    from owq.quantizer.tune import make_adapter, tune_weak_columns
-    from owq.quantizer.tune_data import load_examples, pad_id_of
+    from owq.quantizer.tuning.data import load_examples, pad_id_of
+    from owq.quantizer.tuning.tune import make_adapter, tune_weak_columns
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"adapter path {args.out} exists (pass --overwrite to replace it)")
