@@ -34,11 +34,11 @@ PROMPTS = [
 
 
 def build(ckpt: Path, packed: bool, rows: int):
-    from owq.kernels.checkpoint import load_checkpoint
+    from owq.kernels.checkpoint import read_checkpoint
     from owq.server.runtime import KVCache, build_runtime
 
-    model = load_checkpoint(ckpt, torch.float32, "cpu")
-    runtime = build_runtime(model, 2048)
+    stored = read_checkpoint(ckpt)
+    runtime = build_runtime(stored.config, stored.tensors, 2048)
     runtime.prepare(packed=packed)
     return runtime, KVCache(runtime.cache_shape(rows))
 

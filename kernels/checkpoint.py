@@ -22,10 +22,12 @@ from torch import nn
 
 from .families import family_of, linear_shape, quantized_linear_paths, set_module
 from .owq_linear import OWQLinear
+from .packing import stored_layout
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 STORAGE_DTYPE = torch.float16
+PACKED_PARTS = ("qweight", "scales", "qzeros")
 
 
 class CheckpointError(Exception):
@@ -147,15 +149,17 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def read_quant_config(path: str | Path) -> dict:
-    """The validated `quantization_config` of a checkpoint dir, or CheckpointError."""
-    config_file = Path(path) / "config.json"
+def _read_config(path: Path) -> dict:
+    config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{path} is not an owq checkpoint: no config.json")
     try:
-        config = json.loads(config_file.read_text())
+        return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+
+
+def _check_quant(path: Path, config: dict) -> dict:
     quant = config.get("quantization_config")
     if not isinstance(quant, dict) or quant.get("quant_method") != "owq":
         raise CheckpointError(
@@ -167,6 +171,37 @@ def read_quant_config(path: str | Path) -> dict:
             f"(this owq reads format_version {FORMAT_VERSION})"
         )
     return quant
+
+
+def read_quant_config(path: str | Path) -> dict:
+    """The validated `quantization_config` of a checkpoint dir, or CheckpointError."""
+    return _check_quant(Path(path), _read_config(Path(path)))
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A checkpoint dir read once: the transformers config (without its quantization block),
+    the validated `quantization_config` and every stored tensor."""
+
+    path: Path
+    config: object  # transformers PretrainedConfig
+    quant: dict
+    tensors: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> StoredCheckpoint:
+    """config.json read and checked once, tensors loaded and checksummed; CheckpointError."""
+    from transformers import CONFIG_MAPPING
+
+    path = Path(path)
+    raw = _read_config(path)
+    quant = _check_quant(path, raw)
+    tensors = _read_tensors(path, quant.get("model_sha256"))
+    fields = {k: v for k, v in raw.items() if k != "quantization_config"}
+    if fields.get("model_type") not in CONFIG_MAPPING:
+        raise CheckpointError(f"{path}: unknown model_type {fields.get('model_type')!r}")
+    config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+    return StoredCheckpoint(path, config, quant, tensors)
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -206,30 +241,23 @@ def _build_empty(config) -> nn.Module:
 def load_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Build the quantized model of a checkpoint dir; CheckpointError with one line on failure."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    quant = read_quant_config(path)
-    tensors = _read_tensors(path, quant.get("model_sha256"))
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    """Build the transformers model of a checkpoint dir with an `OWQLinear` for every quantized
+    linear (for evaluation and tuning; the server builds its own runtime from the same tensors);
+    CheckpointError with one line on failure."""
+    stored = read_checkpoint(path)
+    path, config, tensors = stored.path, stored.config, stored.tensors
     model = _build_empty(config)
-    family = family_of(config)
-    for name in quantized_linear_paths(model, family):
+    for name in quantized_linear_paths(model, family_of(config)):
         if f"{name}.qweight" not in tensors:
             raise CheckpointError(f"{path}: tensor {name}.qweight is missing")
-        in_f, out_f = linear_shape(model.get_submodule(name))
-        k = tensors[f"{name}.outlier_idx"].numel() if f"{name}.outlier_idx" in tensors else 0
-        layer = OWQLinear(
-            in_f, out_f, quant["bits"], quant["group_size"], k, f"{name}.bias" in tensors
-        )
+        layer = OWQLinear.from_tensors(tensors, f"{name}.")
+        if (layer.in_features, layer.out_features) != linear_shape(model.get_submodule(name)):
+            raise CheckpointError(f"{path}: {name} does not fit the config's shape")
         set_module(model, name, layer)
     _assign(model, tensors, path)
     model.tie_weights()
     _cast_unquantized(model, dtype)
-    model.config.quantization_config = quant
+    model.config.quantization_config = stored.quant
     return model.to(device).eval()
 
 
@@ -268,11 +296,29 @@ def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
     model.tie_weights()
 
 
+def _fingerprint(layers: dict[str, tuple[int, int, torch.Tensor]]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(layers):
+        in_f, out_f, idx = layers[name]
+        digest.update(f"{name}:{in_f}x{out_f}:".encode())
+        digest.update(idx.cpu().to(torch.int32).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def base_fingerprint(model: nn.Module) -> str:
     """Hash of every OWQLinear's name, shape and outlier_idx: what an adapter must match."""
-    digest = hashlib.sha256()
-    for name, module in model.named_modules():
-        if isinstance(module, OWQLinear):
-            digest.update(f"{name}:{module.in_features}x{module.out_features}:".encode())
-            digest.update(module.outlier_idx.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return _fingerprint({
+        name: (m.in_features, m.out_features, m.outlier_idx)
+        for name, m in model.named_modules()
+        if isinstance(m, OWQLinear)
+    })  # fmt: skip
+
+
+def stored_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """`base_fingerprint` of a checkpoint from its tensors alone (no model built)."""
+    layers = {}
+    for name in (k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")):
+        in_f, out_f, _, _ = stored_layout(*(tensors[f"{name}.{p}"] for p in PACKED_PARTS))
+        idx = tensors.get(f"{name}.outlier_idx", torch.empty(0, dtype=torch.int32))
+        layers[name] = (in_f, out_f, idx)
+    return _fingerprint(layers)

@@ -62,36 +62,43 @@ def channel_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, tor
     return codes, zeros, packed.scales[0].float()
 
 
-def int4_weight(packed: PackedWeight) -> Int4Weight | None:
-    """The 4-bit kernel's operands, or None where the layer does not qualify.
+def int4_qualifies(packed: PackedWeight) -> int:
+    """The 4-bit kernel's group size for this layer, 0 where it does not qualify: one group
+    (per-channel scales), at most 3 bits, input a multiple of 32, output of 16."""
+    group = next((g for g in INT4_GROUPS if packed.in_features % g == 0), 0)
+    if packed.group_size != -1 or packed.out_features % 16 or packed.bits > 3:
+        return 0
+    return group if hasattr(torch, INT4_OP) else 0
+
+
+def int4_weight(codes: torch.Tensor, zeros: torch.Tensor, scale: torch.Tensor, group: int):
+    """The 4-bit kernel's operands from per-channel (codes [out, in], zeros [out], scale [out]),
+    or None where this torch build refuses the layout.
 
     The kernel computes (q − 8)·scale + zero. Codes are stored centred, q − z + 8 (in [1, 15] for
     3 bits), so its zero term is exactly 0 and the only rounding is the bf16 scale: a zero point
     folded into a bf16 `zero` instead errs by up to 2^-9·8·scale on every weight of a row alike,
     a bias that cost 0.6% perplexity. 4-bit codes centred would need 5 bits, so 4-bit layers keep
     the dense path."""
-    in_features = packed.in_features
-    group = next((g for g in INT4_GROUPS if in_features % g == 0), 0)
-    if not group or packed.out_features % 16 or packed.bits > 3 or not hasattr(torch, INT4_OP):
-        return None
-    found = channel_codes(packed)
-    if found is None:
-        return None
-    codes, zeros, scale = found
     pair = torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16)  # [out, 2]
     try:
         kernel_layout = torch._convert_weight_to_int4pack_for_cpu(codes - zeros[:, None] + 8, 1)
     except RuntimeError as e:  # a layout this torch build refuses: the dense path serves it
-        log.warning("4-bit decode kernel unavailable for out=%d: %s", packed.out_features, e)
+        log.warning("4-bit decode kernel unavailable for out=%d: %s", codes.shape[0], e)
         return None
-    return Int4Weight(kernel_layout, group, pair.expand(in_features // group, -1, -1).contiguous())
+    groups = codes.shape[1] // group
+    return Int4Weight(kernel_layout, group, pair.expand(groups, -1, -1).contiguous())
 
 
 def plan(packed: PackedWeight, dtype: torch.dtype, int4: bool = False) -> CpuPlan:
     """The dense weight [out, in] in `dtype`, plus the 4-bit operands when `int4` and the layer
-    qualifies (only for a float32 compute dtype)."""
-    weight = packed.dequantize(dtype).t().contiguous()
-    return CpuPlan(dtype, weight, int4_weight(packed) if int4 and dtype == torch.float32 else None)
+    qualifies (only for a float32 compute dtype); the codes are unpacked once for both."""
+    group = int4_qualifies(packed) if int4 and dtype == torch.float32 else 0
+    if not group:
+        return CpuPlan(dtype, packed.dequantize(dtype).t().contiguous())
+    codes, zeros, scale = channel_codes(packed)
+    weight = ((codes - zeros[:, None]).float() * scale[:, None]).to(dtype)
+    return CpuPlan(dtype, weight, int4_weight(codes, zeros, scale, group))
 
 
 def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:

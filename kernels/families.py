@@ -1,12 +1,15 @@
-"""Model-family table: where the blocks, linears, embeddings and head of a causal LM live.
-
-Found from `config.model_type` by exact lookup (never a name substring). Shared by the quantizer
-(block-by-block driver, true-sequential groups) and the checkpoint loader; knows no algorithms.
+"""The architecture table: where the blocks, linears, norms, embeddings and head of a causal LM
+live, and which runtime runs it. One entry per `config.model_type` (exact lookup, never a name
+substring); the quantizer (block-by-block driver, true-sequential groups), weak column tuning
+(attention / MLP scopes), the checkpoint loader and the server's runtime (built from a
+checkpoint's tensors by these names) all read it. Adding an architecture is one entry here plus
+what is truly new about it in its runtime. Knows no algorithms and no runtime code: `runtime`
+names the server's builder.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -14,56 +17,90 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Family:
-    """Module paths of one architecture family, relative to the `*ForCausalLM` model."""
+    """Module paths of one architecture, relative to the `*ForCausalLM` model (linears and norms
+    relative to a block)."""
 
-    name: str
+    runtime: str  # the server runtime that runs it: "llama" | "norm_mlp"
     blocks: str  # nn.ModuleList of decoder blocks
-    groups: tuple[tuple[str, ...], ...]  # linears of one block, execution order, true-seq groups
-    embeddings: tuple[str, ...]  # run before block 0
+    attention_in: tuple[str, ...]  # linears reading the attention input, in output order
+    attention_out: str
+    mlp_in: tuple[str, ...]  # linears reading the MLP input, in output order
+    mlp_out: str
+    norms: tuple[str, str]  # the block's norms before attention and before the MLP
+    embed: str
     final_norm: str
-    head: str
-    conv1d: bool = False  # GPT-2: weights stored [in, out]
+    head: str = "lm_head"
+    positions: str | None = None  # a learned position table
+    position_offset: int = 0  # OPT looks its positions up at +2
+    qk_norms: tuple[str, str] | None = None  # per-head RMSNorm of q and k (Qwen3)
+    project_in: str | None = None  # OPT: embeddings narrower than the blocks (when stored)
+    project_out: str | None = None
+    conv1d: bool = False  # GPT-2: linear weights stored [in, out]
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """Linears of one block in execution order, grouped by shared input (true-sequential)."""
+        return self.attention_in, (self.attention_out,), self.mlp_in, (self.mlp_out,)
 
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.groups for name in group)
 
+    @property
+    def attention(self) -> tuple[str, ...]:
+        return (*self.attention_in, self.attention_out)
+
+    @property
+    def mlp(self) -> tuple[str, ...]:
+        return (*self.mlp_in, self.mlp_out)
+
+    @property
+    def embeddings(self) -> tuple[str, ...]:
+        """Modules run before block 0."""
+        return (self.embed,) if self.positions is None else (self.embed, self.positions)
+
 
 LLAMA = Family(
-    name="llama",
+    runtime="llama",
     blocks="model.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-    embeddings=("model.embed_tokens",),
+    attention_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attention_out="self_attn.o_proj",
+    mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_out="mlp.down_proj",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    embed="model.embed_tokens",
     final_norm="model.norm",
-    head="lm_head",
 )
 
+QWEN3 = replace(LLAMA, qk_norms=("self_attn.q_norm", "self_attn.k_norm"))
+
 OPT = Family(
-    name="opt",
+    runtime="norm_mlp",
     blocks="model.decoder.layers",
-    groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-    embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+    attention_in=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attention_out="self_attn.out_proj",
+    mlp_in=("fc1",),
+    mlp_out="fc2",
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    embed="model.decoder.embed_tokens",
     final_norm="model.decoder.final_layer_norm",
-    head="lm_head",
+    positions="model.decoder.embed_positions",
+    position_offset=2,
+    project_in="model.decoder.project_in",
+    project_out="model.decoder.project_out",
 )
 
 GPT2 = Family(
-    name="gpt2",
+    runtime="norm_mlp",
     blocks="transformer.h",
-    groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
-    embeddings=("transformer.wte", "transformer.wpe"),
+    attention_in=("attn.c_attn",),
+    attention_out="attn.c_proj",
+    mlp_in=("mlp.c_fc",),
+    mlp_out="mlp.c_proj",
+    norms=("ln_1", "ln_2"),
+    embed="transformer.wte",
     final_norm="transformer.ln_f",
-    head="lm_head",
+    positions="transformer.wpe",
     conv1d=True,
 )
 
@@ -71,6 +108,7 @@ FAMILIES: dict[str, Family] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,
+    "qwen3": QWEN3,
     "opt": OPT,
     "gpt2": GPT2,
 }

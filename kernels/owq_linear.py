@@ -20,7 +20,14 @@ from torch import nn
 
 from . import cpu_ops, reference
 from .grid import minmax_scale_zero, round_to_codes
-from .packing import check_layout, group_index, num_groups, pack_codes, pack_zeros
+from .packing import (
+    check_layout,
+    group_index,
+    num_groups,
+    pack_codes,
+    pack_zeros,
+    stored_layout,
+)
 from .types import PackedWeight, WeakColumns
 
 
@@ -183,6 +190,23 @@ class OWQLinear(nn.Module):
             torch.cat(codes, 1), torch.stack(scales), torch.stack(zeros).to(torch.int64), bits,
             group_size, idx, weight[:, idx], bias,
         )  # fmt: skip
+
+    @classmethod
+    def from_tensors(cls, tensors, prefix: str, num_slots: int = 0) -> OWQLinear:
+        """The layer stored under `prefix` (e.g. "model.layers.0.mlp.down_proj.") in a
+        checkpoint's tensors; bits and group size follow from the shapes (qzeros holds
+        ceil(out/32)·bits words per group), so layers of different widths may sit side by side."""
+        in_features, out_features, bits, group_size = stored_layout(
+            *(tensors[prefix + n] for n in ("qweight", "scales", "qzeros"))
+        )
+        idx = tensors.get(prefix + "outlier_idx")
+        k = 0 if idx is None else idx.numel()
+        bias = prefix + "bias" in tensors
+        layer = cls(in_features, out_features, bits, group_size, k, bias, num_slots)
+        names = ("qweight", "scales", "qzeros", "outlier_idx", "oweight", "bias")
+        state = {n: tensors[prefix + n] for n in names if prefix + n in tensors}
+        layer.load_state_dict(state, assign=True)
+        return layer
 
     # state dict: slot 0 is stored as `oweight` [k, out] fp16 ---------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

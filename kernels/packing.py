@@ -57,6 +57,15 @@ def group_index(
     return torch.arange(in_features, device=device) // size
 
 
+def stored_layout(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor) -> tuple:
+    """(in_features, out_features, bits, group_size) of stored packed tensors: qzeros holds
+    ceil(out/32)·bits words per group, so bits follow from the shapes alone."""
+    groups, out_features = scales.shape
+    bits = qzeros.shape[1] // -(-out_features // BLOCK)
+    in_features = qweight.shape[0] * BLOCK // bits
+    return in_features, out_features, bits, -1 if groups == 1 else in_features // groups
+
+
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: int [R, C] with R % 32 == 0 -> int32 [R * bits / 32, C], bitstream along R."""
     rows, cols = codes.shape

@@ -111,17 +111,15 @@ def build_settings(args):
 
 
 def build_engine(ckpt: Path, adapters: Path | None, args, observer):
-    from .engine import Engine
+    from .engine import Engine, EngineConfig
 
-    return Engine.from_checkpoint(
-        ckpt,
-        adapters_dir=adapters,
+    config = EngineConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         device=args.device,
-        observer=observer,
         packed_decode=args.cpu_decode == "int4",
     )
+    return Engine.from_checkpoint(ckpt, config, adapters_dir=adapters, observer=observer)
 
 
 def run(args) -> int:

@@ -1,10 +1,11 @@
 """The engine behind the HTTP layer: one model thread, an asyncio front, adapters by name.
 
-`Engine.from_checkpoint(dir, adapters_dir=...)` loads an owq checkpoint, builds the own runtime
-(`runtime/`), a fixed KV cache of `max_batch` rows and a slot table of `num_slots` adapter slots,
-and implements protocol's `Engine`: `generate` validates a request (context, adapter, queue),
-hands it to the scheduler's thread and streams its events back through an asyncio queue; closing
-the stream cancels the request at the next step. Knows nothing about HTTP, JSON or auth.
+`Engine.from_checkpoint(dir, EngineConfig(...), adapters_dir=...)` reads an owq checkpoint once,
+builds the own runtime from its tensors (`runtime/`; no transformers model), a fixed KV cache of
+`max_batch` rows and a slot table of `num_slots` adapter slots, and implements protocol's
+`Engine`: `generate` validates a request (context, adapter, queue), hands it to the scheduler's
+thread and streams its events back through an asyncio queue; closing the stream cancels the
+request at the next step. Knows nothing about HTTP, JSON or auth.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from owq.kernels import OWQLinear
-from owq.kernels.checkpoint import base_fingerprint, load_checkpoint
+from owq.kernels.checkpoint import read_checkpoint, stored_fingerprint
 
 from .adapter_registry import AdapterRegistry
 from .adapter_slots import SlotTable
@@ -69,42 +70,53 @@ def owq_layers(model: torch.nn.Module) -> dict[str, OWQLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, OWQLinear)}
 
 
-def eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(config, tokenizer) -> set[int]:
     found: set[int] = set()
-    for source in (model.config, getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
+    for source in (config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
         found.update(value if isinstance(value, list | tuple) else [value])
     return {int(v) for v in found if v is not None}
+
+
+def adapter_shapes(targets: dict) -> dict[str, tuple[int, int]]:
+    """Stored layer name -> (k, out) of every layer with weak columns: what an adapter may hold."""
+    shapes = {}
+    for name, (layer, part) in targets.items():
+        p = layer.parts[part]
+        if p.rows.numel():
+            shapes[name] = (p.rows.numel(), p.out_features)
+    return shapes
 
 
 class Engine:
     """protocol.Engine over one quantized checkpoint."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig, adapters_dir=None, observer=None,
-                 model_name: str = "model"):  # fmt: skip
+    def __init__(
+        self,
+        runtime,
+        tokenizer,
+        eos: set[int],
+        fingerprint: str,
+        config: EngineConfig,
+        adapters_dir=None,
+        observer=None,
+        model_name: str = "model",
+    ):
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.config = config
-        self.hf_model = model
-        layers = owq_layers(model)
-        on_cuda = str(config.device).startswith("cuda")
-        table_dtype = torch.float16 if on_cuda else config.compute_dtype  # kernels' / CPU GEMM's
-        for layer in layers.values():
-            layer.resize_slots(config.slots, table_dtype)
-        self.runtime = build_runtime(model, config.max_context)
-        self.max_context = self.runtime.max_context
-        self.vocab_size = self.runtime.head.shape[0]
-        self.cache = KVCache(self.runtime.cache_shape(config.max_batch))
-        self.slots = SlotTable(self.runtime.targets, config.slots)
-        shapes = {n: (m.num_weak, m.out_features) for n, m in layers.items() if m.num_weak}
+        self.runtime = runtime
+        self.max_context = runtime.max_context
+        self.vocab_size = runtime.head.shape[0]
+        self.cache = KVCache(runtime.cache_shape(config.max_batch))
+        self.slots = SlotTable(runtime.targets, config.slots)
         self.adapters = AdapterRegistry(
-            adapters_dir, base_fingerprint(model), shapes, model_name, observer
+            adapters_dir, fingerprint, adapter_shapes(runtime.targets), model_name, observer
         )
         sched = SchedulerConfig(config.max_batch, config.max_queue, config.prefill_chunk)
         self.scheduler = Scheduler(
-            self.runtime, self.cache, self.slots, tokenizer, eos_ids(model, tokenizer), sched,
-            observer, config.device,
-        )  # fmt: skip
+            runtime, self.cache, self.slots, tokenizer, eos, sched, observer, config.device
+        )
         self._thread: threading.Thread | None = None
         self._running = threading.Event()  # a thread is inside run_forever
         self._stopped = threading.Event()
@@ -116,27 +128,25 @@ class Engine:
     def from_checkpoint(
         cls,
         ckpt_dir: str | Path,
+        config: EngineConfig | None = None,
         adapters_dir: str | Path | None = None,
-        max_batch: int = 8,
-        max_queue: int = 64,
-        device: str = "cpu",
-        num_slots: int | None = None,
         observer: EngineObserver | None = None,
         model_name: str | None = None,
-        max_context: int = 2048,
-        prefill_chunk: int = 256,
-        packed_decode: bool = True,
     ) -> Engine:
+        """Read the checkpoint once and build its runtime from the stored tensors."""
         from transformers import AutoTokenizer
 
-        config = EngineConfig(
-            max_batch, max_queue, num_slots, max_context, prefill_chunk, device,
-            packed_decode=packed_decode,
+        config = config or EngineConfig()
+        stored = read_checkpoint(ckpt_dir)
+        runtime = build_runtime(
+            stored.config, stored.tensors, config.max_context, num_slots=config.slots,
+            dtype=config.compute_dtype, device=config.device,
         )  # fmt: skip
-        model = load_checkpoint(ckpt_dir, config.compute_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        fingerprint = stored_fingerprint(stored.tensors)
         name = model_name or Path(ckpt_dir).resolve().name
-        return cls(model, tokenizer, config, adapters_dir, observer, name)
+        eos = eos_ids(stored.config, tokenizer)
+        return cls(runtime, tokenizer, eos, fingerprint, config, adapters_dir, observer, name)
 
     # lifecycle --------------------------------------------------------------------------
     def start(self) -> None:

@@ -16,7 +16,6 @@ from tiny_models import rtn_swap, tiny_config
 from tokenizers import Tokenizer, decoders, models, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from owq.kernels import OWQLinear
 from owq.kernels.adapters import Adapter, adapter_from_model, apply_adapter, save_adapter
 from owq.kernels.checkpoint import QuantConfig, load_checkpoint, save_checkpoint
 
@@ -81,20 +80,32 @@ def random_adapter(model, name: str, seed: int, scale: float = 2.0) -> Adapter:
     return adapter
 
 
-def install_slots(model, adapters: list[Adapter]) -> list:
-    """Resize every layer's slot table to len(adapters) and write adapter i into slot i + 1;
-    returns [model, model with adapter 1 merged, ...] (copies) as the per-slot references."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, OWQLinear)}
-    for layer in layers.values():
-        layer.resize_slots(len(adapters))
+def merged_models(model, adapters: list[Adapter]) -> list:
+    """[model, model with adapter 1 merged into its own columns, ...] (copies): the reference of
+    each slot of `runtime_of(model, ..., adapters)`."""
     merged = [model]
-    for slot, adapter in enumerate(adapters, start=1):
-        for name, cols in adapter.columns.items():
-            layers[name].set_slot(slot, cols)
+    for adapter in adapters:
         copied = copy.deepcopy(model)
         apply_adapter(copied, adapter)
         merged.append(copied)
     return merged
+
+
+def write_slot(runtime, slot: int, adapter: Adapter) -> None:
+    """Write an adapter into one slot of every runtime layer (the base's columns where the
+    adapter has none), as the server's slot table does."""
+    for name, (layer, part) in runtime.targets.items():
+        layer.set_slot(slot, adapter.columns.get(name), part)
+
+
+def runtime_of(model, max_context: int = 64, adapters: list[Adapter] = ()):
+    """The own runtime over a quantized model's tensors, adapter i written into slot i + 1."""
+    from owq.server.runtime import build_runtime
+
+    rt = build_runtime(model.config, model.state_dict(), max_context, num_slots=len(adapters))
+    for slot, adapter in enumerate(adapters, start=1):
+        write_slot(rt, slot, adapter)
+    return rt
 
 
 def build_tiny_server_assets(
@@ -125,11 +136,11 @@ def write_foreign_adapter(adapters_dir: str | Path, name: str = "foreign") -> Pa
 
 
 # engine helpers ---------------------------------------------------------------------------------
-def started_engine(ckpt: Path, adapters: Path | None = None, **kwargs):
-    """An `Engine` on the tiny checkpoint, started and warmed up (kwargs: from_checkpoint's)."""
-    from owq.server.engine import Engine
+def started_engine(ckpt: Path, adapters: Path | None = None, observer=None, **kwargs):
+    """An `Engine` on the tiny checkpoint, started and warmed up (kwargs: EngineConfig's)."""
+    from owq.server.engine import Engine, EngineConfig
 
-    engine = Engine.from_checkpoint(ckpt, adapters, **kwargs)
+    engine = Engine.from_checkpoint(ckpt, EngineConfig(**kwargs), adapters, observer)
     engine.start()
     assert engine.wait_ready(60), "engine did not become ready"
     return engine

@@ -17,6 +17,7 @@ from engine_fixtures import (
 )
 
 from owq.kernels.adapters import save_adapter
+from owq.kernels.checkpoint import load_checkpoint
 from owq.server.protocol import (
     AdapterConflict,
     AdapterNotFound,
@@ -112,7 +113,7 @@ def test_hot_load_unload_replace_during_generation(assets):
         await engine.adapters.unload("adapter-0")
         with pytest.raises(AdapterNotLoaded):
             await collect(engine, request(engine, PROMPT, "adapter-0", max_tokens=3))
-        replacement = random_adapter(engine.hf_model, "adapter-0", seed=555)
+        replacement = random_adapter(load_checkpoint(ckpt), "adapter-0", seed=555)
         save_adapter(replacement, adapters / "adapter-0", overwrite=True)
         await engine.adapters.load("adapter-0")  # same name, new weights
         new = token_ids(await collect(engine, request(engine, PROMPT, "adapter-0", max_tokens=60)))

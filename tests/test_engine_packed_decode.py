@@ -10,8 +10,9 @@ import pytest
 import torch
 from engine_fixtures import (
     build_tiny_server_assets,
-    install_slots,
+    merged_models,
     random_adapter,
+    runtime_of,
     tiny_quantized_model,
 )
 
@@ -19,9 +20,9 @@ from owq.kernels import OWQLinear
 from owq.kernels.cpu_ops import INT4_MAX_ROWS as PACKED_MAX_ROWS
 from owq.kernels.cpu_ops import channel_codes
 from owq.kernels.fused import fuse
-from owq.server.engine import Engine
+from owq.server.engine import Engine, EngineConfig
 from owq.server.protocol import GenerationRequest, SamplingParams
-from owq.server.runtime import KVCache, build_runtime, step_index
+from owq.server.runtime import KVCache, step_index
 
 KINDS = ["llama", "opt", "gpt2"]
 
@@ -73,7 +74,7 @@ def forward(rt, cache, tokens, start, slots=None, logits="all", decode=False):
 
 
 def runtimes(model):
-    exact, fast = build_runtime(model, 64), build_runtime(model, 64)
+    exact, fast = runtime_of(model, 64), runtime_of(model, 64)
     exact.prepare(packed=False)
     fast.prepare(packed=True)
     return exact, fast
@@ -104,10 +105,11 @@ def test_mixed_slots_on_the_packed_path(kind):
     model = tiny_quantized_model(kind, group_size=-1, bits=3)
     adapters = [random_adapter(model, f"a{i}", seed=i) for i in (1, 2)]
     refs = []  # same kernel, each adapter merged into the base's own columns
-    for merged in install_slots(model, adapters):
-        refs.append(build_runtime(merged, 64))
+    for merged in merged_models(model, adapters):
+        refs.append(runtime_of(merged, 64))
         refs[-1].prepare(packed=True)
-    fast = refs[0]  # the base, its slot tables holding both adapters
+    fast = runtime_of(model, 64, adapters)  # the base, its slot tables holding both adapters
+    fast.prepare(packed=True)
     tokens = torch.randint(1, 128, (3, 6), generator=torch.Generator().manual_seed(3))
     cache = KVCache(fast.cache_shape(3))
     slots = torch.tensor([0, 1, 2])
@@ -133,7 +135,7 @@ def test_tokens_do_not_depend_on_the_batch(tmp_path):
     logprobs equal to fp32 summation order (the kernel follows the step's shape, not its company:
     a rule by step shape would run the lone one-token prompt packed, the padded group fp32)."""
     ckpt, _ = build_tiny_server_assets(tmp_path, "llama", 0, group_size=-1, bits=3)
-    engine = Engine.from_checkpoint(ckpt, max_batch=4)
+    engine = Engine.from_checkpoint(ckpt, EngineConfig(max_batch=4))
     params = SamplingParams(max_tokens=12, temperature=0.9, seed=5, logprobs=0)
     prompts = [(5,), (7, 7, 1), (3, 4, 5, 6, 8, 9, 10, 11), (21, 22)]  # a one-token prompt
 

@@ -5,12 +5,17 @@ import copy
 
 import pytest
 import torch
-from engine_fixtures import build_tiny_server_assets, install_slots, random_adapter
+from engine_fixtures import (
+    build_tiny_server_assets,
+    merged_models,
+    random_adapter,
+    runtime_of,
+    write_slot,
+)
 
 from owq.kernels.adapters import apply_adapter
 from owq.kernels.checkpoint import load_checkpoint
-from owq.server.engine import owq_layers
-from owq.server.runtime import KVCache, build_runtime, step_index
+from owq.server.runtime import KVCache, step_index
 
 KINDS = ["llama", "opt", "gpt2"]
 ATOL = 2e-4
@@ -35,7 +40,7 @@ def reference(model, tokens):
 
 
 def test_prefill_matches_transformers(hf_model):
-    rt = build_runtime(hf_model, 64)
+    rt = runtime_of(hf_model, 64)
     cache = KVCache(rt.cache_shape(4))
     tokens = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(run(rt, cache, tokens, 1, 0), reference(hf_model, tokens),
@@ -43,7 +48,7 @@ def test_prefill_matches_transformers(hf_model):
 
 
 def test_chunked_prefill_and_decode_match_transformers(hf_model):
-    rt = build_runtime(hf_model, 64)
+    rt = runtime_of(hf_model, 64)
     cache = KVCache(rt.cache_shape(2))
     tokens = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     ref = reference(hf_model, tokens)[0]
@@ -57,7 +62,7 @@ def test_chunked_prefill_and_decode_match_transformers(hf_model):
 
 def test_rows_at_different_positions_in_one_decode_step(hf_model):
     """Each row decodes at its own position over its own cache row, in one batched call."""
-    rt = build_runtime(hf_model, 64)
+    rt = runtime_of(hf_model, 64)
     cache = KVCache(rt.cache_shape(3))
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (1, n), generator=gen) for n in (3, 9, 6)]
@@ -74,8 +79,8 @@ def test_rows_at_different_positions_in_one_decode_step(hf_model):
 def test_per_row_adapter_slots_match_merged_adapters(hf_model):
     """Rows with slots 0, 1, 2 equal the model with each adapter applied to its own columns."""
     adapters = [random_adapter(hf_model, f"a{i}", seed=i) for i in (1, 2)]
-    models = install_slots(hf_model, adapters)
-    rt = build_runtime(hf_model, 64)
+    models = merged_models(hf_model, adapters)
+    rt = runtime_of(hf_model, 64, adapters)
     cache = KVCache(rt.cache_shape(3))
     tokens = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(3))
     out = run(rt, cache, tokens, 0, 0, slots=torch.tensor([0, 1, 2]))
@@ -87,31 +92,24 @@ def test_per_row_adapter_slots_match_merged_adapters(hf_model):
 
 def test_slot_rewritten_after_first_step_single_row(hf_model):
     """A slot rewritten after the runtime fused its weights (hot swap) reaches a lone row on that
-    slot; the fused weight is the only dense copy (the layers' own caches are dropped)."""
-    model = copy.deepcopy(hf_model)
-    layers = owq_layers(model)
-    for layer in layers.values():
-        layer.resize_slots(3)
-    rt = build_runtime(model, 64)
+    slot."""
+    rt = runtime_of(hf_model, 64, [random_adapter(hf_model, "a0", seed=0)] * 3)
     cache = KVCache(rt.cache_shape(1))
     tokens = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
     outs = []
     for seed in (7, 8):
         adapter = random_adapter(hf_model, f"a{seed}", seed=seed)
-        for name, cols in adapter.columns.items():
-            layer, part = rt.targets[name]
-            layer.set_slot(3, cols, part)
+        write_slot(rt, 3, adapter)
         merged = copy.deepcopy(hf_model)
         apply_adapter(merged, adapter)
         outs.append(run(rt, cache, tokens, 0, 0, slots=torch.tensor([3])))
         torch.testing.assert_close(outs[-1], reference(merged, tokens), atol=ATOL, rtol=0)
-        assert all(layer.cpu is None for layer in layers.values())
     assert not torch.allclose(outs[0], outs[1], atol=1e-2)
 
 
 def test_cache_rows_move(hf_model):
     """move_row carries a row's cache: decoding continues as if it had never moved."""
-    rt = build_runtime(hf_model, 64)
+    rt = runtime_of(hf_model, 64)
     cache = KVCache(rt.cache_shape(3))
     tokens = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(4))
     run(rt, cache, tokens[:, :9], 2, 0, logits="none")
@@ -133,7 +131,7 @@ def test_default_model_runtime_matches_transformers():
         weight = linear_weight(model.get_submodule(path))
         idx = torch.randperm(weight.shape[1], generator=gen)[:8]
         set_module(model, path, OWQLinear.from_float(weight, 4, 64, idx))
-    rt = build_runtime(model, 256)
+    rt = runtime_of(model, 256)
     cache = KVCache(rt.cache_shape(2))
     ids = tokenizer("It is a truth universally acknowledged, that", return_tensors="pt").input_ids
     ref = reference(model, ids)[0]

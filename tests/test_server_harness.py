@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from owq.server.app import create_app
 from owq.server.auth import KeyTable
-from owq.server.engine import Engine
+from owq.server.engine import Engine, EngineConfig
 from owq.server.metrics import ServerMetrics
 from owq.server.settings import ServerSettings
 
@@ -68,8 +68,9 @@ def tiny_assets(tmp_path: Path, num_adapters: int = 3) -> tuple[Path, Path]:
     return build_tiny_server_assets(tmp_path, kind="llama", num_adapters=num_adapters)
 
 
-def make_engine(ckpt: Path, adapters: Path, **kwargs):
-    return Engine.from_checkpoint(ckpt, adapters_dir=adapters, device="cpu", **kwargs)
+def make_engine(ckpt: Path, adapters: Path, observer=None, **kwargs):
+    config = EngineConfig(device="cpu", **kwargs)
+    return Engine.from_checkpoint(ckpt, config, adapters_dir=adapters, observer=observer)
 
 
 def make_app(

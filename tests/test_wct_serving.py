@@ -21,7 +21,7 @@ from owq.kernels.owq_linear import OWQLinear
 from owq.quantizer.adapters import apply_adapter
 from owq.quantizer.tuning.data import load_examples
 from owq.quantizer.tuning.tune import TuneConfig, make_adapter, tune_weak_columns
-from owq.server.engine import Engine
+from owq.server.engine import Engine, EngineConfig
 from owq.server.protocol import GenerationRequest, SamplingParams, TokenOutput
 from tests.test_wct_support import make_checkpoint, single_thread, task_records, write_records
 
@@ -132,7 +132,7 @@ def test_engine_serves_the_adapter_as_trained(checkpoint, tmp_path, scope, promp
         _until_eos(_greedy(m, torch.tensor([ids]), 8)[0].tolist(), eos) for m in (base, tuned)
     ]
     assert expect[0] != expect[1], "the adapter should change the output"
-    engine = Engine.from_checkpoint(checkpoint, adapters_dir=tmp_path, max_batch=2)
+    engine = Engine.from_checkpoint(checkpoint, EngineConfig(max_batch=2), adapters_dir=tmp_path)
     engine.start()
     assert engine.wait_ready(60)
     got = asyncio.run(_engine_tokens(engine, ids, [None, "novels"]))

@@ -7,7 +7,10 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     OPTConfig,
+    Qwen2Config,
+    Qwen3Config,
 )
 
 from owq.kernels import OWQLinear
@@ -16,15 +19,30 @@ from owq.kernels.families import family_of, linear_weight, quantized_linear_path
 VOCAB = 96
 
 
+LLAMA_LIKE = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+
+
 def tiny_config(kind: str):
-    if kind == "llama":
-        return LlamaConfig(
+    if kind in LLAMA_LIKE:
+        return LLAMA_LIKE[kind](
             vocab_size=VOCAB,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=kind != "mistral",  # both head layouts
+        )
+    if kind == "qwen3":
+        return Qwen3Config(  # head_dim wider than hidden / heads, per-head q/k norms
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
             max_position_embeddings=256,
             tie_word_embeddings=True,
         )

@@ -31,7 +31,6 @@ from .memory import dense_cache_bytes, peak_rss_bytes
 log = logging.getLogger(__name__)
 
 SCOPES = ("all", "attn", "mlp")
-ATTENTION_GROUPS = 2  # Family.groups of every family: (qkv), (out), (mlp in), (mlp out)
 
 
 @dataclass(frozen=True)
@@ -102,9 +101,7 @@ def select_layers(model: nn.Module, scope: str = "all") -> list[str]:
     if scope not in SCOPES:
         raise ValueError(f"layers must be one of {', '.join(SCOPES)}, got {scope!r}")
     family = family_of(model.config)
-    groups = {"all": family.groups, "attn": family.groups[:ATTENTION_GROUPS]}
-    groups["mlp"] = family.groups[ATTENTION_GROUPS:]
-    wanted = {name for group in groups[scope] for name in group}
+    wanted = set({"all": family.linears, "attn": family.attention, "mlp": family.mlp}[scope])
     paths = [
         path
         for path in quantized_linear_paths(model, family)

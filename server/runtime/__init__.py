@@ -1,24 +1,24 @@
-"""Own model runtimes (no transformers forward): one per architecture family, same interface.
+"""Own model runtimes (no transformers forward): one per runtime kind of the `Family` table.
 
-`build_runtime(hf_model, max_context)` takes a model loaded by `kernels.checkpoint.load_checkpoint`
-and returns a module with `forward(tokens, step, cache, slots, logits)` and `cache_shape(rows)`.
+`build_runtime(config, tensors, max_context, ...)` builds the runtime of a checkpoint's config and
+tensors (`kernels.checkpoint.read_checkpoint`) and returns a module with
+`forward(tokens, step, cache, slots, logits)`, `cache_shape(rows)`, `prepare(packed)` and
+`targets` (stored layer name -> (runtime layer, part), where adapters are written).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .kv_cache import CacheShape, KVCache, StepIndex, step_index
-from .llama import build_llama
-from .opt_gpt2 import build_gpt2, build_opt
+from owq.kernels.families import family_of
 
-BUILDERS = {
-    "llama": build_llama,
-    "mistral": build_llama,
-    "qwen2": build_llama,
-    "opt": build_opt,
-    "gpt2": build_gpt2,
-}
+from .kv_cache import CacheShape, KVCache, StepIndex, step_index
+from .llama import LlamaRuntime
+from .norm_mlp import NormMLPRuntime
+from .weights import Weights
+
+RUNTIMES = {"llama": LlamaRuntime, "norm_mlp": NormMLPRuntime}
 
 
 def context_limit(config) -> int:
@@ -28,11 +28,33 @@ def context_limit(config) -> int:
     return min(limit, window) if window else limit
 
 
-def build_runtime(hf_model: nn.Module, max_context: int) -> nn.Module:
-    model_type = hf_model.config.model_type
-    if model_type not in BUILDERS:
-        raise ValueError(f"no runtime for model_type={model_type!r}; supported: {sorted(BUILDERS)}")
-    return BUILDERS[model_type](hf_model, min(max_context, context_limit(hf_model.config)))
+def build_runtime(
+    config,
+    tensors: dict[str, torch.Tensor],
+    max_context: int,
+    *,
+    num_slots: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    table_dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """The runtime of `config.model_type` over `tensors` (a checkpoint's, or a quantized model's
+    state dict), attending over at most `max_context` tokens (capped by the model's own limit),
+    with `num_slots` adapter slots in every layer's slot table."""
+    family = family_of(config)
+    weights = Weights(tensors, dtype, device, num_slots, table_dtype)
+    with torch.no_grad():
+        return RUNTIMES[family.runtime](
+            config, family, weights, min(max_context, context_limit(config))
+        )
 
 
-__all__ = ["CacheShape", "KVCache", "StepIndex", "build_runtime", "context_limit", "step_index"]
+__all__ = [
+    "CacheShape",
+    "KVCache",
+    "RUNTIMES",
+    "StepIndex",
+    "build_runtime",
+    "context_limit",
+    "step_index",
+]

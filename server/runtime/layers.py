@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from owq.kernels import OWQLinear
-from owq.kernels.fused import fuse
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,21 +105,6 @@ def select_logits(h: torch.Tensor, head: torch.Tensor, which) -> torch.Tensor | 
     elif which == "last":
         h = h[:, -1]
     return F.linear(h, head)
-
-
-def fused_projection(
-    block: nn.Module, prefix: str, names: tuple[str, ...], targets: dict
-) -> tuple[OWQLinear, list[int]]:
-    """Fuse the block's linears `names` (they read the same input) into one OWQLinear; records
-    each stored layer's full name -> (fused layer, part) in `targets`. Returns the layer and the
-    output width of each part."""
-    layers = [block.get_submodule(name) for name in names]
-    fused = fuse(layers)
-    for layer in layers:
-        layer.release()  # the fused layer's plan is the only dense copy
-    for part, name in enumerate(names):
-        targets[prefix + name] = (fused, part)
-    return fused, [layer.out_features for layer in layers]
 
 
 def prepare_layers(module: nn.Module, dtype: torch.dtype, int4: bool = True) -> None:

@@ -1,8 +1,9 @@
-"""Own forward pass for the Llama family (Llama, Mistral, Qwen2, SmolLM): RMSNorm, RoPE, GQA,
-gated MLP, tied or separate head, every projection an `OWQLinear` called as `layer(x, slots)`.
+"""Own forward pass for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, RoPE,
+GQA, gated MLP, optional per-head q/k norms, tied or separate head; every projection an
+`OWQLinear` called as `layer(x, slots, decode)`, q/k/v and gate/up fused.
 
-Built from a loaded checkpoint model (takes its tensors and OWQLinear modules, never calls its
-forward). Knows nothing about requests, scheduling or the adapter registry.
+Built from a checkpoint's tensors (`Weights`) by the names of its `Family` entry; never builds or
+calls a transformers model. Knows nothing about requests, scheduling or the adapter registry.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from owq.kernels.families import Family
+
 from .kv_cache import CacheShape, KVCache, StepIndex, attention, group_mask
 from .layers import (
     activation,
     apply_rope,
-    fused_projection,
     prepare_layers,
     rms_norm,
     rope_inv_freq,
     rope_tables,
     select_logits,
 )
+from .weights import Weights
 
 
 @dataclass(frozen=True)
@@ -51,21 +54,31 @@ class LlamaArgs:
 
 
 class LlamaBlock(nn.Module):
-    def __init__(self, hf_layer: nn.Module, args: LlamaArgs, index: int, targets: dict):
+    def __init__(self, w: Weights, family: Family, args: LlamaArgs, index: int):
         super().__init__()
-        prefix = f"model.layers.{index}."
-        attn_names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        self.qkv, self.qkv_sizes = fused_projection(hf_layer, prefix, attn_names, targets)
+        prefix = f"{family.blocks}.{index}."
+        self.qkv, self.qkv_sizes = w.linears(prefix, family.attention_in)  # [q, k, v]
         self.qk_size = self.qkv_sizes[0] + self.qkv_sizes[1]
-        self.o, _ = fused_projection(hf_layer, prefix, ("self_attn.o_proj",), targets)
-        mlp_names = ("mlp.gate_proj", "mlp.up_proj")
-        self.gate_up, self.gate_up_sizes = fused_projection(hf_layer, prefix, mlp_names, targets)
-        self.down, _ = fused_projection(hf_layer, prefix, ("mlp.down_proj",), targets)
-        self.attn_norm = hf_layer.input_layernorm.weight
-        self.mlp_norm = hf_layer.post_attention_layernorm.weight
+        self.o, _ = w.linears(prefix, (family.attention_out,))
+        self.gate_up, self.mlp_sizes = w.linears(prefix, family.mlp_in)  # [gate, up]
+        self.down, _ = w.linears(prefix, (family.mlp_out,))
+        self.attn_norm = w.tensor(f"{prefix}{family.norms[0]}.weight")
+        self.mlp_norm = w.tensor(f"{prefix}{family.norms[1]}.weight")
+        self.qk_norms = None
+        if family.qk_norms is not None:
+            self.qk_norms = [w.tensor(f"{prefix}{n}.weight") for n in family.qk_norms]
         self.args, self.index = args, index
         self.act = activation(args.act)
         self.scale = args.head_dim**-0.5
+
+    def _qk(self, qk: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        # qk: [B, T, Hq + Hkv, D] -> rotated q [B, T, Hq, D], k [B, T, Hkv, D]
+        a = self.args
+        if self.qk_norms is not None:
+            q, k = qk.split([a.heads, a.kv_heads], dim=2)
+            q_norm, k_norm = self.qk_norms
+            qk = torch.cat([rms_norm(q, q_norm, a.eps), rms_norm(k, k_norm, a.eps)], dim=2)
+        return apply_rope(qk, *rope).split([a.heads, a.kv_heads], dim=2)  # q, k at once
 
     def forward(self, x, rope, step: StepIndex, mask, cache: KVCache, slots):
         # x: [B, T, E]; rope: (cos, sin) [B, T, 1, D]; mask: [B, 1, G*T, L]
@@ -73,30 +86,27 @@ class LlamaBlock(nn.Module):
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
         qk, v = self.qkv(h, slots, step.decode).split([self.qk_size, self.qkv_sizes[2]], dim=-1)
-        qk = apply_rope(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), *rope)  # q, k at once
-        q, k = qk.split([a.heads, a.kv_heads], dim=2)
+        q, k = self._qk(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), rope)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
         x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.decode)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        gate, up = self.gate_up(h, slots, step.decode).split(self.gate_up_sizes, dim=-1)
+        gate, up = self.gate_up(h, slots, step.decode).split(self.mlp_sizes, dim=-1)
         return x + self.down(self.act(gate) * up, slots, step.decode)
 
 
 class LlamaRuntime(nn.Module):
     """forward(tokens [B, T], step, cache, slots [B] | None, logits) -> logits or None."""
 
-    def __init__(self, hf_model: nn.Module, max_context: int):
+    def __init__(self, config, family: Family, w: Weights, max_context: int):
         super().__init__()
-        config = hf_model.config
         self.args = a = LlamaArgs.from_config(config)
-        self.embed = hf_model.model.embed_tokens.weight
-        self.targets: dict = {}  # stored layer name -> (fused OWQLinear, part)
-        self.blocks = nn.ModuleList(
-            LlamaBlock(layer, a, i, self.targets) for i, layer in enumerate(hf_model.model.layers)
-        )
-        self.norm = hf_model.model.norm.weight
-        self.head = hf_model.lm_head.weight
+        self.embed = w.tensor(f"{family.embed}.weight")
+        self.blocks = nn.ModuleList(LlamaBlock(w, family, a, i) for i in range(a.layers))
+        self.norm = w.tensor(f"{family.final_norm}.weight")
+        head = f"{family.head}.weight"
+        self.head = w.tensor(head) if w.has(head) else self.embed  # tied: one tensor
+        self.targets = w.targets
         inv_freq, scaling = rope_inv_freq(config, a.head_dim)
         cos, sin = rope_tables(inv_freq, scaling, max_context)
         self.cos, self.sin = cos.to(self.embed), sin.to(self.embed)
@@ -122,8 +132,3 @@ class LlamaRuntime(nn.Module):
         for block in self.blocks:
             x = block(x, rope, step, mask, cache, slots)
         return select_logits(rms_norm(x, self.norm, self.args.eps), self.head, logits)
-
-
-def build_llama(hf_model: nn.Module, max_context: int) -> LlamaRuntime:
-    with torch.no_grad():
-        return LlamaRuntime(hf_model, max_context)
