@@ -1,20 +1,24 @@
 """CPU path of `OWQLinear`: the dense part from a prepared plan, the per-row-slot weak columns.
 
-A `CpuPlan` is what a layer keeps on the CPU for one compute dtype: the dequantized dense weight
-(weak rows hold zero for a stored layer) and, where it applies, the codes repacked for torch's
-4-bit weight-only kernel. The dense part takes one of two kernels by step:
+A `CpuPlan` is what a layer keeps on the CPU for one compute dtype: the codes repacked for
+torch's 4-bit weight-only kernel (`Int4Weight`, half a byte per weight) and, only when asked for
+(`resident=True`), a dequantized dense copy. The dense part takes one of two kernels by step:
 
-- decode steps (one token per row) of up to `INT4_MAX_ROWS` rows: the 2/3-bit codes repacked,
-  centred, as 4-bit (`torch._weight_int4pack_mm_for_cpu`, bf16 activations and per-channel
-  scales): half a byte per weight instead of four. Only for one-group layers (`group_size = -1`)
-  of at most 3 bits, input width a multiple of 32, output a multiple of 16. Its exact twin is
-  `int4_twin` (bf16(x) @ ((q - z)·bf16(s)), fp32 accumulation, one bf16 rounding).
-- prefill (always, also a one-token prompt), larger decode batches, grouped or 4-bit layers and
-  other compute dtypes: the dense weight and one GEMM (twin: `reference.owq_matmul`).
+- decode steps (one token per row): the 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16
+  activations and scales, fp32 accumulation) for every layer of at most 4 bits whose input width
+  is a multiple of 32 and output a multiple of 16. The kernel computes (q − 8)·s + zero per
+  group. 2/3-bit codes are stored centred, q − z + 8, so its zero term is exactly 0 (a zero
+  point folded into its bf16 `zero` errs by up to 2^-9·8·s on every weight of a row alike: a
+  bias that cost 0.6% perplexity); 4-bit codes need all 16 values, so they stay as they are and
+  the zero term is added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin:
+  `int4_twin`.
+- prefill (always, also a one-token prompt, so prompt scoring equals the offline model) and
+  layers the 4-bit kernel cannot take: one fp32 GEMM on the dequantized weight, the resident copy
+  if the plan keeps one, else a transient one made for this call (twin: `reference.owq_matmul`).
 
-The kernel depends on the step's kind and size, never on which other requests share it, so a
-request's tokens do not depend on its batch while the batch stays within `INT4_MAX_ROWS` rows.
-Knows the packed layout; nothing about models, requests or adapters by name.
+The kernel depends on the step's kind, never on its size or on which other requests share it,
+so a request's tokens do not depend on its batch. Knows the packed layout; nothing about models,
+requests or adapters by name.
 """
 
 from __future__ import annotations
@@ -30,95 +34,110 @@ from .types import PackedWeight, WeakColumns
 
 log = logging.getLogger(__name__)
 
-INT4_MAX_ROWS = 16
 INT4_OP = "_weight_int4pack_mm_for_cpu"
-INT4_GROUPS = (256, 128, 64, 32)  # group sizes the 4-bit kernel takes; the largest that fits
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the 4-bit kernel takes
 
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """Operands of torch's 4-bit CPU kernel: centred codes q - z + 8 and bf16 (scale, 0) pairs."""
+    """Operands of torch's 4-bit CPU kernel, plus the fp32 zero term of 4-bit codes."""
 
     packed: torch.Tensor  # the kernel's own layout
-    group: int  # the kernel's group size (every group carries the same per-channel scale)
-    scale_zero: torch.Tensor  # bf16 [in / group, out, 2]
+    group: int  # the kernel's group size
+    scale_zero: torch.Tensor  # bf16 [in / group, out, 2]: (scale, 0) per kernel group
+    correction: torch.Tensor | None  # fp32 [groups, out]: (8 − z)·bf16(s); None for centred codes
+    group_size: int  # the layer's own group size along the input (in for one group)
 
 
 @dataclass(frozen=True)
 class CpuPlan:
     dtype: torch.dtype
-    weight: torch.Tensor  # [out, in] dense part in `dtype`
+    weight: torch.Tensor | None  # [out, in] resident dense copy in `dtype`, or None
     int4: Int4Weight | None = None
 
 
-def channel_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(codes int32 [out, in] in [0, 2^bits), zeros int32 [out], scale fp32 [out]) with
-    dense = (codes - zeros[:, None]) * scale[:, None], for one-group (per-channel) layers;
-    None for grouped layers."""
-    if packed.group_size != -1:
-        return None
+def layer_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes int32 [out, in] in [0, 2^bits), zeros int32 [out, in], scale fp32 [out, in]) per
+    element (its group's zero point and scale): dense = (codes − zeros)·scale."""
+    g = packed.group_index()
     codes = unpack_codes(packed.qweight, packed.bits).t().to(torch.int32).contiguous()
-    zeros = unpack_zeros(packed.qzeros, packed.bits, packed.out_features)[0].to(torch.int32)
-    return codes, zeros, packed.scales[0].float()
+    zeros = unpack_zeros(packed.qzeros, packed.bits, packed.out_features).to(torch.int32)
+    return codes, zeros[g].t(), packed.scales.float()[g].t()
 
 
-def int4_qualifies(packed: PackedWeight) -> int:
-    """The 4-bit kernel's group size for this layer, 0 where it does not qualify: one group
-    (per-channel scales), at most 3 bits, input a multiple of 32, output of 16."""
-    group = next((g for g in INT4_GROUPS if packed.in_features % g == 0), 0)
-    if packed.group_size != -1 or packed.out_features % 16 or packed.bits > 3:
+def int4_group(packed: PackedWeight) -> int:
+    """The 4-bit kernel's group size for this layer, 0 where it does not qualify."""
+    if packed.bits > 4 or packed.out_features % 16 or not hasattr(torch, INT4_OP):
         return 0
-    return group if hasattr(torch, INT4_OP) else 0
+    fits = [g for g in INT4_GROUPS if packed.in_features % g == 0]
+    if packed.group_size != -1:  # kernel groups must not straddle the layer's groups
+        fits = [g for g in fits if packed.group_size % g == 0]
+    return fits[0] if fits else 0
 
 
-def int4_weight(codes: torch.Tensor, zeros: torch.Tensor, scale: torch.Tensor, group: int):
-    """The 4-bit kernel's operands from per-channel (codes [out, in], zeros [out], scale [out]),
-    or None where this torch build refuses the layout.
-
-    The kernel computes (q − 8)·scale + zero. Codes are stored centred, q − z + 8 (in [1, 15] for
-    3 bits), so its zero term is exactly 0 and the only rounding is the bf16 scale: a zero point
-    folded into a bf16 `zero` instead errs by up to 2^-9·8·scale on every weight of a row alike,
-    a bias that cost 0.6% perplexity. 4-bit codes centred would need 5 bits, so 4-bit layers keep
-    the dense path."""
-    pair = torch.stack([scale, torch.zeros_like(scale)], -1).to(torch.bfloat16)  # [out, 2]
+def int4_weight(packed: PackedWeight, group: int) -> Int4Weight | None:
+    """The 4-bit kernel's operands (codes unpacked once), or None where this torch build refuses
+    the layout."""
+    codes, zeros, scale = layer_codes(packed)
+    centred = packed.bits <= 3
+    stored = codes - zeros + 8 if centred else codes  # in [1, 15] / [0, 15]
+    per = packed.in_features if packed.group_size == -1 else packed.group_size
+    scale_g = packed.scales.to(torch.bfloat16)  # [groups, out]
+    kernel_scale = scale_g.repeat_interleave(per // group, 0)  # [in / group, out]
+    pair = torch.stack([kernel_scale, torch.zeros_like(kernel_scale)], -1)
+    correction = None
+    if not centred:
+        zero_g = zeros.t()[::per]  # [groups, out]
+        correction = (8 - zero_g).float() * scale_g.float()
     try:
-        kernel_layout = torch._convert_weight_to_int4pack_for_cpu(codes - zeros[:, None] + 8, 1)
+        layout = torch._convert_weight_to_int4pack_for_cpu(stored, 1)
     except RuntimeError as e:  # a layout this torch build refuses: the dense path serves it
-        log.warning("4-bit decode kernel unavailable for out=%d: %s", codes.shape[0], e)
+        log.warning("4-bit decode kernel unavailable for out=%d: %s", packed.out_features, e)
         return None
-    groups = codes.shape[1] // group
-    return Int4Weight(kernel_layout, group, pair.expand(groups, -1, -1).contiguous())
+    return Int4Weight(layout, group, pair.contiguous(), correction, per)
 
 
-def plan(packed: PackedWeight, dtype: torch.dtype, int4: bool = False) -> CpuPlan:
-    """The dense weight [out, in] in `dtype`, plus the 4-bit operands when `int4` and the layer
-    qualifies (only for a float32 compute dtype); the codes are unpacked once for both."""
-    group = int4_qualifies(packed) if int4 and dtype == torch.float32 else 0
-    if not group:
-        return CpuPlan(dtype, packed.dequantize(dtype).t().contiguous())
-    codes, zeros, scale = channel_codes(packed)
-    weight = ((codes - zeros[:, None]).float() * scale[:, None]).to(dtype)
-    return CpuPlan(dtype, weight, int4_weight(codes, zeros, scale, group))
+def plan(
+    packed: PackedWeight, dtype: torch.dtype, int4: bool = False, resident: bool = True
+) -> CpuPlan:
+    """The layer's CPU plan: the 4-bit operands when `int4` and the layer qualifies (float32
+    compute only), a resident dense copy [out, in] when `resident` or when there is no 4-bit
+    form (decode would otherwise dequantize every step)."""
+    group = int4_group(packed) if int4 and dtype == torch.float32 else 0
+    fast = int4_weight(packed, group) if group else None
+    keep = resident or fast is None
+    weight = packed.dequantize(dtype).t().contiguous() if keep else None
+    return CpuPlan(dtype, weight, fast)
 
 
 def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """Exact emulation of the 4-bit kernel: x [M, in] -> [M, out] in x's dtype."""
-    codes, zeros, scale = channel_codes(packed)
-    w = (codes - zeros[:, None]).float() * scale.bfloat16().float()[:, None]  # [out, in]
-    return (x.bfloat16().float() @ w.t()).bfloat16().to(x.dtype)
+    """Exact emulation of the 4-bit path: x [M, in] -> [M, out] in x's dtype: bf16(x) @
+    ((q − z)·bf16(s)) accumulated in fp32 (the kernel rounds its part to bf16 once)."""
+    codes, zeros, scale = layer_codes(packed)
+    xb = x.bfloat16().float()
+    s = scale.bfloat16().float()
+    if packed.bits <= 3:
+        return (xb @ ((codes - zeros).float() * s).t()).bfloat16().to(x.dtype)
+    main = (xb @ ((codes - 8).float() * s).t()).bfloat16().float()
+    return (main + xb @ ((8 - zeros).float() * s).t()).to(x.dtype)
 
 
-def dense(x: torch.Tensor, p: CpuPlan, decode: bool = False) -> torch.Tensor:
+def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
+    # x: [M, in] -> [M, out]
+    xb = x.to(torch.bfloat16)
+    y = torch._weight_int4pack_mm_for_cpu(xb, q.packed, q.group, q.scale_zero).float()
+    if q.correction is not None:  # the zero term of codes stored as they are, in fp32
+        sums = xb.float().view(x.shape[0], -1, q.group_size).sum(-1)  # [M, groups]
+        y = torch.addmm(y, sums, q.correction)
+    return y.to(x.dtype)
+
+
+def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, decode: bool = False) -> torch.Tensor:
     """x: [B, T, in] (or [M, in]) -> dense part [..., out]; the 4-bit kernel on decode steps."""
-    one_token = x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= INT4_MAX_ROWS
-    if not decode or p.int4 is None or not one_token:
-        return F.linear(x, p.weight)
-    b, _, n = x.shape
-    q = p.int4
-    y = torch._weight_int4pack_mm_for_cpu(
-        x.reshape(b, n).to(torch.bfloat16), q.packed, q.group, q.scale_zero
-    )
-    return y.to(x.dtype).view(b, 1, -1)
+    if decode and p.int4 is not None:
+        return _int4(x.reshape(-1, x.shape[-1]), p.int4).view(*x.shape[:-1], -1)
+    weight = p.weight  # transient when not resident: the same [out, in] layout, the same bits
+    return F.linear(x, packed.dequantize(x.dtype).t().contiguous() if weight is None else weight)
 
 
 def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None) -> torch.Tensor:
@@ -142,13 +161,14 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None)
 def linear(
     x: torch.Tensor,
     p: CpuPlan,
+    packed: PackedWeight,
     weak: WeakColumns,
     bias: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
     decode: bool = False,
 ) -> torch.Tensor:
     """The CPU layer op: x [B, ..., in], slots [B] or None -> [B, ..., out] in x's dtype."""
-    y = dense(x, p, decode)
+    y = dense(x, p, packed, decode)
     if bias is not None:
         y = y + bias.to(x.dtype)
     if weak.k == 0:

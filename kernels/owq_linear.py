@@ -194,19 +194,21 @@ class OWQLinear(nn.Module):
     @classmethod
     def from_tensors(cls, tensors, prefix: str, num_slots: int = 0) -> OWQLinear:
         """The layer stored under `prefix` (e.g. "model.layers.0.mlp.down_proj.") in a
-        checkpoint's tensors; bits and group size follow from the shapes (qzeros holds
-        ceil(out/32)·bits words per group), so layers of different widths may sit side by side."""
-        in_features, out_features, bits, group_size = stored_layout(
-            *(tensors[prefix + n] for n in ("qweight", "scales", "qzeros"))
+        checkpoint's tensors; bits and group size follow from the shapes (`stored_layout`), so
+        layers of different widths may sit side by side."""
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        in_f, out_f, bits, group_size = stored_layout(
+            state["qweight"], state["scales"], state["qzeros"]
         )
-        idx = tensors.get(prefix + "outlier_idx")
-        k = 0 if idx is None else idx.numel()
-        bias = prefix + "bias" in tensors
-        layer = cls(in_features, out_features, bits, group_size, k, bias, num_slots)
-        names = ("qweight", "scales", "qzeros", "outlier_idx", "oweight", "bias")
-        state = {n: tensors[prefix + n] for n in names if prefix + n in tensors}
+        layer = cls(in_f, out_f, bits, group_size, num_slots=num_slots, **cls.stored_sizes(state))
         layer.load_state_dict(state, assign=True)
         return layer
+
+    @staticmethod
+    def stored_sizes(state: dict) -> dict:
+        """Constructor sizes that only the stored tensors tell (their names without prefix)."""
+        k = state["outlier_idx"].numel() if "outlier_idx" in state else 0
+        return {"num_weak": k, "bias": "bias" in state}
 
     # state dict: slot 0 is stored as `oweight` [k, out] fp16 ---------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -276,9 +278,12 @@ class OWQLinear(nn.Module):
             self.trainable = None
 
     # compute ------------------------------------------------------------------------------
-    def prepare(self, dtype: torch.dtype, int4: bool = False) -> cpu_ops.CpuPlan:
-        """Build (or rebuild) the CPU plan for `dtype`; `int4` adds the 4-bit decode kernel."""
-        self.cpu = cpu_ops.plan(self.packed, dtype, int4)
+    def prepare(
+        self, dtype: torch.dtype, int4: bool = False, resident: bool = True
+    ) -> cpu_ops.CpuPlan:
+        """Build (or rebuild) the CPU plan for `dtype`: `int4` adds the 4-bit decode kernel,
+        `resident` keeps a dequantized dense copy (else prefill dequantizes per call)."""
+        self.cpu = cpu_ops.plan(self.packed, dtype, int4, resident)
         return self.cpu
 
     def release(self) -> None:
@@ -286,12 +291,14 @@ class OWQLinear(nn.Module):
         self.cpu = None
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantized dense part [out, in] in `dtype` (weak rows 0): the CPU plan's copy on the
-        CPU (built once), a fresh tensor elsewhere."""
+        """Dequantized dense part [out, in] in `dtype` (weak rows 0): the CPU plan's resident
+        copy where it keeps one (built once), a fresh tensor otherwise."""
         if self.qweight.is_cuda:
             return self.packed.dequantize(dtype).t()
         if self.cpu is None or self.cpu.dtype != dtype:
             self.prepare(dtype, int4=self.cpu is not None and self.cpu.int4 is not None)
+        if self.cpu.weight is None:
+            return self.packed.dequantize(dtype).t()
         return self.cpu.weight
 
     def _needs_twin(self, x: torch.Tensor) -> bool:
@@ -329,4 +336,4 @@ class OWQLinear(nn.Module):
             return reference.owq_matmul(x, self.packed, self.weak, self.bias, slots)
         if self.cpu is None or self.cpu.dtype != x.dtype:
             self.prepare(x.dtype)
-        return cpu_ops.linear(x, self.cpu, self.weak, self.bias, slots, decode)
+        return cpu_ops.linear(x, self.cpu, self.packed, self.weak, self.bias, slots, decode)

@@ -54,6 +54,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
     packed_decode: bool = True  # CPU: the 4-bit kernel for decode steps (kernels.cpu_ops)
+    resident_dense: bool = False  # CPU: keep a dequantized fp32 copy of every layer for prefill
 
     @property
     def slots(self) -> int:
@@ -107,7 +108,7 @@ class Engine:
         self.config = config
         self.runtime = runtime
         self.max_context = runtime.max_context
-        self.vocab_size = runtime.head.shape[0]
+        self.vocab_size = runtime.vocab.size
         self.cache = KVCache(runtime.cache_shape(config.max_batch))
         self.slots = SlotTable(runtime.targets, config.slots)
         self.adapters = AdapterRegistry(
@@ -274,7 +275,7 @@ class Engine:
 
     def _warm_up(self) -> None:
         """Build the runtime's fused weights and run one token, before reporting ready."""
-        self.runtime.prepare(self.config.packed_decode)
+        self.runtime.prepare(self.config.packed_decode, self.config.resident_dense)
         device = self.config.device
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = step_index(self.cache.shape, 0, positions)

@@ -17,14 +17,14 @@ from engine_fixtures import (
 )
 
 from owq.kernels import OWQLinear
-from owq.kernels.cpu_ops import INT4_MAX_ROWS as PACKED_MAX_ROWS
-from owq.kernels.cpu_ops import channel_codes
+from owq.kernels.cpu_ops import int4_twin
 from owq.kernels.fused import fuse
 from owq.server.engine import Engine, EngineConfig
 from owq.server.protocol import GenerationRequest, SamplingParams
 from owq.server.runtime import KVCache, step_index
 
 KINDS = ["llama", "opt", "gpt2"]
+ROWS = 16  # the server's default running batch
 
 
 def projections(runtime) -> list[OWQLinear]:
@@ -41,11 +41,13 @@ def close_tol(ref: torch.Tensor) -> float:
     return 5e-2 * float(ref.abs().max())
 
 
-@pytest.mark.parametrize("rows", [1, 3, PACKED_MAX_ROWS])
-def test_projection_equals_its_bf16_emulation(rows):
+@pytest.mark.parametrize("rows", [1, 3, ROWS, 40])
+@pytest.mark.parametrize("group_size,bits", [(-1, 3), (-1, 2), (32, 3), (-1, 4), (32, 4)])
+def test_projection_equals_its_bf16_emulation(rows, group_size, bits):
     """The packed kernel computes exactly this: bf16(x) @ ((q - z)·bf16(scale)), accumulated in
-    fp32 and rounded to bf16, plus the fp32 weak part and bias."""
-    model = tiny_quantized_model("opt", group_size=-1, bits=3)
+    fp32 and rounded to bf16 (4-bit codes: the zero term added in fp32 after), plus the fp32 weak
+    part and bias; for per-channel and grouped layers of 2, 3 and 4 bits."""
+    model = tiny_quantized_model("opt", group_size=group_size, bits=bits)
     layers = [
         model.model.decoder.layers[0].self_attn.q_proj,
         model.model.decoder.layers[0].self_attn.v_proj,
@@ -56,9 +58,7 @@ def test_projection_equals_its_bf16_emulation(rows):
     x = torch.randn(rows, 1, layers[0].in_features, generator=torch.Generator().manual_seed(1))
     parts = []
     for layer in layers:
-        codes, zeros, scale = channel_codes(layer.packed)
-        w = (codes - zeros[:, None]).float() * scale.bfloat16().float()[:, None]
-        dense = (x.bfloat16().float() @ w.t()).bfloat16().float()
+        dense = int4_twin(x[:, 0], layer.packed)[:, None]
         weak = x[..., layer.outlier_idx.long()] @ layer.oweight.float()
         parts.append(dense + weak + layer.bias.float())
     torch.testing.assert_close(proj(x, decode=True), torch.cat(parts, -1), rtol=2**-8, atol=1e-5)
@@ -87,8 +87,8 @@ def test_prefill_exact_decode_close(kind):
     assert all(packed(p) for p in projections(fast))
     assert all(not packed(p) for p in projections(exact))
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 128, (1, PACKED_MAX_ROWS + 8), generator=gen)
-    n = PACKED_MAX_ROWS + 4
+    tokens = torch.randint(1, 128, (1, ROWS + 8), generator=gen)
+    n = ROWS + 4
     caches = [KVCache(rt.cache_shape(1)) for rt in (exact, fast)]
     pre = [forward(rt, c, tokens[:, :n], 0) for rt, c in zip((exact, fast), caches, strict=True)]
     torch.testing.assert_close(pre[1], pre[0], rtol=0, atol=0)  # prefill: the fp32 path
@@ -123,11 +123,20 @@ def test_mixed_slots_on_the_packed_path(kind):
     assert not torch.allclose(out[1], out[0], atol=close_tol(out[0]))
 
 
-@pytest.mark.parametrize("group_size,bits", [(32, 3), (-1, 4)])
-def test_grouped_or_4bit_layers_keep_the_fp32_path(group_size, bits):
+@pytest.mark.parametrize("group_size,bits", [(32, 3), (-1, 4), (32, 4)])
+def test_grouped_and_4bit_layers_take_the_packed_path_too(group_size, bits):
+    """No fp32 copy stays resident: every layer decodes from its 4-bit form, and prefill, from a
+    transient dequantized copy, equals the resident fp32 path bit for bit."""
     model = tiny_quantized_model("llama", group_size=group_size, bits=bits)
-    _, fast = runtimes(model)
-    assert all(not packed(p) for p in projections(fast))
+    exact, fast = runtimes(model)
+    assert all(packed(p) and p.cpu.weight is None for p in projections(fast))
+    tokens = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    caches = [KVCache(rt.cache_shape(1)) for rt in (exact, fast)]
+    pre = [forward(rt, c, tokens[:, :8], 0) for rt, c in zip((exact, fast), caches, strict=True)]
+    torch.testing.assert_close(pre[1], pre[0], rtol=0, atol=0)
+    e, f = (forward(rt, c, tokens[:, 8:], 8, logits="last", decode=True)
+            for rt, c in zip((exact, fast), caches, strict=True))  # fmt: skip
+    assert 0 < float((f - e).abs().max()) <= close_tol(e)
 
 
 def test_tokens_do_not_depend_on_the_batch(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from owq.kernels import OWQLinear
-from owq.kernels.cpu_ops import channel_codes
+from owq.kernels.cpu_ops import layer_codes
 from owq.kernels.reference import owq_matmul
 
 IN, OUT = 128, 48
@@ -55,21 +55,15 @@ def test_weak_rows_of_dense_part_are_exactly_zero():
 
 
 @pytest.mark.parametrize("bits,group_size", [(2, -1), (3, -1), (4, -1), (3, 32)])
-def test_channel_codes_times_scale_is_the_dense_part(bits, group_size):
+def test_layer_codes_times_scale_is_the_dense_part(bits, group_size):
     layer, _, _ = build(bits, group_size, k=8, bias=False)
     dense = layer.packed.dequantize(torch.float32).t()
-    found = channel_codes(layer.packed)
-    if group_size != -1:
-        assert found is None  # per-group scales: no per-channel form
-        return
-    codes, zeros, scale = found
+    codes, zeros, scale = layer_codes(layer.packed)
     assert codes.dtype == torch.int32 and codes.shape == (OUT, IN)
     assert 0 <= int(codes.min()) and int(codes.max()) < 2**bits
     weak = codes[:, layer.outlier_idx.long()]
-    assert bool((weak == zeros[:, None]).all())
-    torch.testing.assert_close(
-        (codes - zeros[:, None]).float() * scale[:, None], dense, rtol=0, atol=0
-    )
+    assert bool((weak == zeros[:, layer.outlier_idx.long()]).all())
+    torch.testing.assert_close((codes - zeros).float() * scale, dense, rtol=0, atol=0)
 
 
 def test_outlier_idx_sorted_unique_and_oweight_follows():

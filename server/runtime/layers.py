@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from owq.kernels import OWQLinear
+from owq.kernels.owq_vocab import OWQEmbedding
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,20 +96,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def select_logits(h: torch.Tensor, head: torch.Tensor, which) -> torch.Tensor | None:
-    """h: [B, T, D]; head: [V, D]. which = "all" -> [B, T, V], "last" -> [B, V], "none" -> None,
-    or a long tensor [B] of each row's token index -> [B, V] (padded batches)."""
-    if isinstance(which, torch.Tensor):
-        h = h[torch.arange(h.shape[0], device=h.device), which]
-    elif which == "none":
-        return None
-    elif which == "last":
-        h = h[:, -1]
-    return F.linear(h, head)
-
-
-def prepare_layers(module: nn.Module, dtype: torch.dtype, int4: bool = True) -> None:
-    """Build every OWQLinear's CPU plan in `dtype` (no-op off the CPU)."""
+def prepare_layers(
+    module: nn.Module, dtype: torch.dtype, int4: bool = True, resident: bool = False
+) -> None:
+    """Build every OWQLinear's CPU plan in `dtype` (no-op off the CPU): the 4-bit decode kernel
+    where it applies, a resident dense copy only when asked (else prefill dequantizes per call)."""
     for layer in module.modules():
-        if isinstance(layer, OWQLinear) and not layer.qweight.is_cuda:
-            layer.prepare(dtype, int4)
+        looked_up = isinstance(layer, OWQEmbedding)  # rows are gathered, never multiplied
+        if isinstance(layer, OWQLinear) and not looked_up and not layer.qweight.is_cuda:
+            layer.prepare(dtype, int4, resident)

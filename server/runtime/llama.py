@@ -23,8 +23,8 @@ from .layers import (
     rms_norm,
     rope_inv_freq,
     rope_tables,
-    select_logits,
 )
+from .vocab import Vocab
 from .weights import Weights
 
 
@@ -101,34 +101,33 @@ class LlamaRuntime(nn.Module):
     def __init__(self, config, family: Family, w: Weights, max_context: int):
         super().__init__()
         self.args = a = LlamaArgs.from_config(config)
-        self.embed = w.tensor(f"{family.embed}.weight")
+        self.vocab = Vocab(w, family, config)
         self.blocks = nn.ModuleList(LlamaBlock(w, family, a, i) for i in range(a.layers))
         self.norm = w.tensor(f"{family.final_norm}.weight")
-        head = f"{family.head}.weight"
-        self.head = w.tensor(head) if w.has(head) else self.embed  # tied: one tensor
         self.targets = w.targets
         inv_freq, scaling = rope_inv_freq(config, a.head_dim)
         cos, sin = rope_tables(inv_freq, scaling, max_context)
-        self.cos, self.sin = cos.to(self.embed), sin.to(self.embed)
+        self.cos = cos.to(self.vocab.device, self.vocab.dtype)
+        self.sin = sin.to(self.vocab.device, self.vocab.dtype)
         self.max_context = max_context
 
-    def prepare(self, packed: bool = True) -> None:
-        """Every projection's CPU plan in the compute dtype, with the 4-bit decode kernel where
-        it applies (`kernels.cpu_ops`); before the first step."""
-        prepare_layers(self, self.embed.dtype, packed)
+    def prepare(self, packed: bool = True, resident: bool = False) -> None:
+        """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
+        kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
+        prepare_layers(self, self.vocab.dtype, packed, resident)
 
     def cache_shape(self, rows: int) -> CacheShape:
         a = self.args
         return CacheShape(
-            a.layers, rows, a.kv_heads, self.max_context, a.head_dim, self.embed.dtype,
-            str(self.embed.device),
+            a.layers, rows, a.kv_heads, self.max_context, a.head_dim, self.vocab.dtype,
+            str(self.vocab.device),
         )  # fmt: skip
 
     def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
-        x = self.embed[tokens]  # [B, T, E]
+        x = self.vocab.embed(tokens)  # [B, T, E]
         pos = step.positions
         rope = (self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2))  # [B, T, 1, D]
         mask = group_mask(step.mask, self.args.heads // self.args.kv_heads)
         for block in self.blocks:
             x = block(x, rope, step, mask, cache, slots)
-        return select_logits(rms_norm(x, self.norm, self.args.eps), self.head, logits)
+        return self.vocab.logits(rms_norm(x, self.norm, self.args.eps), logits, step.decode)

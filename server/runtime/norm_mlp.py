@@ -19,7 +19,8 @@ from torch import nn
 from owq.kernels.families import Family
 
 from .kv_cache import CacheShape, KVCache, StepIndex, attention
-from .layers import activation, layer_norm, prepare_layers, select_logits
+from .layers import activation, layer_norm, prepare_layers
+from .vocab import Vocab
 from .weights import Weights
 
 
@@ -97,7 +98,7 @@ class NormMLPRuntime(nn.Module):
     def __init__(self, config, family: Family, w: Weights, max_context: int):
         super().__init__()
         self.args = a = BlockArgs.from_config(config)
-        self.embed = w.tensor(f"{family.embed}.weight")
+        self.vocab = Vocab(w, family, config)
         self.pos_embed = w.tensor(f"{family.positions}.weight")
         self.pos_offset = family.position_offset
         self.project_in = self._optional(w, family.project_in)
@@ -107,8 +108,6 @@ class NormMLPRuntime(nn.Module):
         self.final_norm = None
         if w.has(f"{family.final_norm}.weight") or w.has(f"{family.final_norm}.bias"):
             self.final_norm = _norm(w, family.final_norm, config.hidden_size)
-        head = f"{family.head}.weight"
-        self.head = w.tensor(head) if w.has(head) else self.embed  # tied: one tensor
         self.targets = w.targets
         self.max_context = max_context
 
@@ -116,20 +115,20 @@ class NormMLPRuntime(nn.Module):
     def _optional(w: Weights, path: str | None) -> torch.Tensor | None:
         return None if path is None else w.optional(f"{path}.weight")
 
-    def prepare(self, packed: bool = True) -> None:
-        """Every projection's CPU plan in the compute dtype, with the 4-bit decode kernel where
-        it applies (`kernels.cpu_ops`); before the first step."""
-        prepare_layers(self, self.embed.dtype, packed)
+    def prepare(self, packed: bool = True, resident: bool = False) -> None:
+        """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
+        kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
+        prepare_layers(self, self.vocab.dtype, packed, resident)
 
     def cache_shape(self, rows: int) -> CacheShape:
         a = self.args
         return CacheShape(
-            len(self.blocks), rows, a.heads, self.max_context, a.head_dim, self.embed.dtype,
-            str(self.embed.device),
+            len(self.blocks), rows, a.heads, self.max_context, a.head_dim, self.vocab.dtype,
+            str(self.vocab.device),
         )  # fmt: skip
 
     def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
-        x = self.embed[tokens]  # [B, T, E_in]
+        x = self.vocab.embed(tokens)  # [B, T, E_in]
         if self.project_in is not None:
             x = x @ self.project_in.t()
         x = x + self.pos_embed[step.positions + self.pos_offset]
@@ -139,4 +138,4 @@ class NormMLPRuntime(nn.Module):
             x = layer_norm(x, *self.final_norm, self.args.eps)
         if self.project_out is not None:
             x = x @ self.project_out.t()
-        return select_logits(x, self.head, logits)
+        return self.vocab.logits(x, logits, step.decode)

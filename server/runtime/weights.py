@@ -45,6 +45,13 @@ class Weights:
     def optional(self, name: str) -> torch.Tensor | None:
         return self.tensor(name) if name in self.tensors else None
 
+    def table(self, prefix: str, cls: type[OWQLinear]) -> OWQLinear:
+        """A quantized vocabulary table stored under `prefix` (`kernels.owq_vocab`)."""
+        table = cls.from_tensors(self.tensors, prefix).to(self.device)
+        if hasattr(table, "dtype"):
+            table.dtype = self.dtype  # an embedding returns rows in the compute dtype
+        return table
+
     def linears(self, prefix: str, names: Sequence[str]) -> tuple[OWQLinear, list[int]]:
         """The stored linears `prefix + name` (they read one input) fused into one layer, and
         each one's output width."""
