@@ -12,7 +12,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checkpoint import WEIGHTS_NAME, read_quant_config
+from .packing import stored_layout
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -26,7 +29,8 @@ DTYPE_BYTES = {
     "U8": 1,
     "BOOL": 1,
 }
-LAYER_PARTS = ("qweight", "scales", "qzeros", "oweight", "outlier_idx")
+PACKED = ("qweight", "scales", "qzeros")
+LAYER_PARTS = (*PACKED, "oweight", "outlier_idx", "protected_idx", "protected_weight")
 
 
 @dataclass(frozen=True)
@@ -69,31 +73,38 @@ def _numel(entry: dict) -> int:
     return count
 
 
+def _layout(header: dict, name: str) -> tuple[int, int, int, int]:
+    """(in, out, bits, group_size) of a stored quantized layer, from its header shapes."""
+    shapes = (torch.empty(header[f"{name}.{p}"]["shape"], device="meta") for p in PACKED)
+    return stored_layout(*shapes)
+
+
 def checkpoint_bits(path: str | Path) -> CheckpointBits:
+    """True bits of every quantized layer and of the whole file. `bits_per_weight_linear` counts
+    the quantized linears of the blocks; a quantized vocabulary table (head / embedding, with its
+    protected rows) is a layer of its own in `layers` and in the whole-file figure."""
     path = Path(path)
-    quant = read_quant_config(path)
-    wbits = quant["bits"]
+    read_quant_config(path)
     weights = path / WEIGHTS_NAME
     header = read_header(weights)
-    layers, layer_bytes = [], 0
+    layers, linear_bytes, linear_weights, nominal = [], 0, 0, 0.0
     for name in sorted(k[: -len(".qweight")] for k in header if k.endswith(".qweight")):
-        rows, out_f = header[f"{name}.qweight"]["shape"]
-        in_f = rows * 32 // wbits
+        in_f, out_f, wbits, _ = _layout(header, name)
         k = _numel(header[f"{name}.outlier_idx"]) if f"{name}.outlier_idx" in header else 0
         stored = sum(_nbytes(header[f"{name}.{p}"]) for p in LAYER_PARTS if f"{name}.{p}" in header)
-        layers.append(
-            LayerBits(name, in_f, out_f, k, stored * 8 / (in_f * out_f), wbits + 16 * k / in_f)
-        )
-        layer_bytes += stored
+        layer = LayerBits(name, in_f, out_f, k, stored * 8 / (in_f * out_f), wbits + 16 * k / in_f)
+        layers.append(layer)
+        if f"{name}.protected_idx" not in header:  # a linear, not a vocabulary table
+            linear_bytes += stored
+            linear_weights += in_f * out_f
+            nominal += layer.nominal_bits * in_f * out_f
     quantized_parts = {f"{lb.name}.{p}" for lb in layers for p in LAYER_PARTS}
     params = sum(lb.in_features * lb.out_features for lb in layers)
-    linear_weights = params
     params += sum(_numel(e) for k, e in header.items() if k not in quantized_parts)
     file_bytes = weights.stat().st_size
-    nominal = sum(lb.nominal_bits * lb.in_features * lb.out_features for lb in layers)
     return CheckpointBits(
         layers=layers,
-        bits_per_weight_linear=layer_bytes * 8 / max(linear_weights, 1),
+        bits_per_weight_linear=linear_bytes * 8 / max(linear_weights, 1),
         nominal_bits_linear=nominal / max(linear_weights, 1),
         bits_per_weight_total=file_bytes * 8 / max(params, 1),
         file_bytes=file_bytes,

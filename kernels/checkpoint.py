@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,12 @@ from torch import nn
 
 from .families import family_of, linear_shape, quantized_linear_paths, set_module
 from .owq_linear import OWQLinear
+from .owq_vocab import OWQEmbedding, OWQVocab, TiedEmbedding
 from .packing import stored_layout
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # written when the vocabulary table stays fp16 (byte-identical to before)
+VOCAB_FORMAT_VERSION = 2  # the vocabulary table quantized (kernels.owq_vocab)
+READ_VERSIONS = (FORMAT_VERSION, VOCAB_FORMAT_VERSION)
 WEIGHTS_NAME = "model.safetensors"
 STORAGE_DTYPE = torch.float16
 PACKED_PARTS = ("qweight", "scales", "qzeros")
@@ -44,10 +48,10 @@ class QuantConfig:
     method: str = "owq"
     extra: dict | None = None
 
-    def to_dict(self, model_sha256: str) -> dict:
+    def to_dict(self, model_sha256: str, vocab_quantized: bool = False) -> dict:
         return {
             "quant_method": "owq",
-            "format_version": FORMAT_VERSION,
+            "format_version": VOCAB_FORMAT_VERSION if vocab_quantized else FORMAT_VERSION,
             "method": self.method,
             "bits": self.bits,
             "group_size": self.group_size,
@@ -85,8 +89,12 @@ def round_unquantized(model: nn.Module) -> None:
 
 
 def _is_tied(model: nn.Module) -> bool:
+    """A float table shared by embedding and head (a quantized tied table is stored once
+    already: the embedding refers to the head's tensors and has none of its own)."""
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
+    if head is None or embed is None or isinstance(head, OWQLinear):
+        return False
+    return head.weight is getattr(embed, "weight", None)
 
 
 def _state_for_file(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -111,10 +119,13 @@ def save_checkpoint(
     out_dir: str | Path,
     quant: QuantConfig,
     tokenizer=None,
-    report: dict | None = None,
+    report: dict | Callable[[Path], dict] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` (its quantized linears already `OWQLinear`) to `out_dir` atomically."""
+    """Write `model` (its quantized linears already `OWQLinear`) to `out_dir` atomically.
+
+    `report` (owq_report.json) is a dict, or a function of the written dir (before it is renamed
+    into place) that returns one, e.g. to count the bytes of the file just written."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -126,12 +137,14 @@ def save_checkpoint(
     try:
         save_file(_state_for_file(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         config = model.config.to_dict()
-        config["quantization_config"] = quant.to_dict(file_sha256(tmp / WEIGHTS_NAME))
+        vocab = isinstance(model.get_output_embeddings(), OWQLinear)
+        config["quantization_config"] = quant.to_dict(file_sha256(tmp / WEIGHTS_NAME), vocab)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
-            (tmp / "owq_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            content = report(tmp) if callable(report) else report
+            (tmp / "owq_report.json").write_text(json.dumps(content, indent=2) + "\n")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,10 +178,10 @@ def _check_quant(path: Path, config: dict) -> dict:
         raise CheckpointError(
             f"{path} is not an owq checkpoint: config.json has no owq quantization_config"
         )
-    if quant.get("format_version") != FORMAT_VERSION:
+    if quant.get("format_version") not in READ_VERSIONS:
         raise CheckpointError(
             f"{path}: unknown format_version {quant.get('format_version')!r} "
-            f"(this owq reads format_version {FORMAT_VERSION})"
+            f"(this owq reads format_version {', '.join(map(str, READ_VERSIONS))})"
         )
     return quant
 
@@ -247,18 +260,36 @@ def load_checkpoint(
     stored = read_checkpoint(path)
     path, config, tensors = stored.path, stored.config, stored.tensors
     model = _build_empty(config)
-    for name in quantized_linear_paths(model, family_of(config)):
+    family = family_of(config)
+    for name in quantized_linear_paths(model, family):
         if f"{name}.qweight" not in tensors:
             raise CheckpointError(f"{path}: tensor {name}.qweight is missing")
         layer = OWQLinear.from_tensors(tensors, f"{name}.")
         if (layer.in_features, layer.out_features) != linear_shape(model.get_submodule(name)):
             raise CheckpointError(f"{path}: {name} does not fit the config's shape")
         set_module(model, name, layer)
+    quantized_vocab = _swap_vocab(model, family, tensors, dtype)
     _assign(model, tensors, path)
-    model.tie_weights()
-    _cast_unquantized(model, dtype)
+    if not quantized_vocab:
+        model.tie_weights()
+    _cast_unquantized(model, dtype, tie=not quantized_vocab)
     model.config.quantization_config = stored.quant
     return model.to(device).eval()
+
+
+def _swap_vocab(model: nn.Module, family, tensors: dict, dtype: torch.dtype) -> bool:
+    """Quantized head / embedding tables in place of the float ones; True if there were any."""
+    head_q, embed_q = f"{family.head}.qweight" in tensors, f"{family.embed}.qweight" in tensors
+    if head_q:
+        head = OWQVocab.from_tensors(tensors, f"{family.head}.")
+        set_module(model, family.head, head)
+        if not embed_q and getattr(model.config, "tie_word_embeddings", False):
+            set_module(model, family.embed, TiedEmbedding(head, dtype))
+    if embed_q:
+        embedding = OWQEmbedding.from_tensors(tensors, f"{family.embed}.")
+        embedding.dtype = dtype
+        set_module(model, family.embed, embedding)
+    return head_q or embed_q
 
 
 def _assign(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -286,14 +317,15 @@ def _head_key(model: nn.Module) -> str:
     return _module_name(model, model.get_output_embeddings()) + ".weight"
 
 
-def _cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+def _cast_unquantized(model: nn.Module, dtype: torch.dtype, tie: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, OWQLinear):
             continue
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and p.dtype != dtype:
                 setattr(module, name, nn.Parameter(p.data.to(dtype), requires_grad=p.requires_grad))
-    model.tie_weights()
+    if tie:
+        model.tie_weights()
 
 
 def _fingerprint(layers: dict[str, tuple[int, int, torch.Tensor]]) -> str:
@@ -306,18 +338,20 @@ def _fingerprint(layers: dict[str, tuple[int, int, torch.Tensor]]) -> str:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of every OWQLinear's name, shape and outlier_idx: what an adapter must match."""
+    """Hash of every quantized linear's name, shape and outlier_idx (not the vocabulary tables,
+    which adapters never touch): what an adapter must match."""
     return _fingerprint({
         name: (m.in_features, m.out_features, m.outlier_idx)
         for name, m in model.named_modules()
-        if isinstance(m, OWQLinear)
+        if isinstance(m, OWQLinear) and not isinstance(m, OWQVocab)
     })  # fmt: skip
 
 
-def stored_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+def stored_fingerprint(tensors: dict[str, torch.Tensor], family) -> str:
     """`base_fingerprint` of a checkpoint from its tensors alone (no model built)."""
     layers = {}
-    for name in (k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight")):
+    names = (k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
+    for name in (n for n in names if n.startswith(family.blocks + ".")):
         in_f, out_f, _, _ = stored_layout(*(tensors[f"{name}.{p}"] for p in PACKED_PARTS))
         idx = tensors.get(f"{name}.outlier_idx", torch.empty(0, dtype=torch.int32))
         layers[name] = (in_f, out_f, idx)

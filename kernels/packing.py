@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 BLOCK = 32
 

@@ -29,6 +29,7 @@ from .driver import quantize_blocks
 from .plan import layer_shapes, weak_column_plan
 from .report import add_bits, build_report
 from .settings import QuantizeSettings
+from .vocab import quantize_vocab
 
 log = logging.getLogger(__name__)
 
@@ -114,17 +115,23 @@ def quantize(
         if windows is not None:
             inputs = capture_block_inputs(lm, family, windows, settings.batch_size)
         records = quantize_blocks(lm, family, settings, inputs, ks, progress)
+        hidden = inputs.hidden if inputs is not None else None
         del inputs
+        vocab = quantize_vocab(lm, family, settings, hidden, windows)
+        del hidden
     seconds["quantize"] = time.perf_counter() - t
     report = build_report(
         settings.to_dict(), name, records, seconds,
-        paper_bits(shapes, {r.name: r.weak_columns for r in records}, settings.wbits),
+        paper_bits(shapes, {r.name: r.weak_columns for r in records}, settings.wbits), vocab,
     )  # fmt: skip
+
+    def final_report(written: Path) -> dict:  # in the temp dir, before it is renamed into place
+        seconds["save"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+        return add_bits(report, checkpoint_bits(written))
+
     t = time.perf_counter()
-    save_checkpoint(lm, out, _quant_config(settings), tokenizer, report, overwrite=overwrite)
-    seconds["save"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t0
-    _write_report(out, add_bits(report, checkpoint_bits(out)))
+    save_checkpoint(lm, out, _quant_config(settings), tokenizer, final_report, overwrite=overwrite)
     log.info("wrote %s in %.1fs", out, seconds["total"])
     return out
 
@@ -138,13 +145,15 @@ def _quant_config(settings: QuantizeSettings) -> QuantConfig:
         "act_order": settings.act_order,
         "true_sequential": settings.true_sequential,
     }
+    if settings.head_bits != 16:
+        extra |= {
+            "head_bits": settings.head_bits,
+            "head_group_size": settings.head_groupsize,
+            "head_protect": settings.head_protect,
+            "head_protect_by": settings.head_protect_by,
+            "head_weak_columns": settings.head_weak_columns,
+        }
     return QuantConfig(settings.wbits, settings.groupsize, settings.sym, settings.method, extra)
-
-
-def _write_report(out: Path, report: dict) -> None:
-    tmp = out / ".owq_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out / "owq_report.json")
 
 
 def read_report(checkpoint: str | os.PathLike) -> dict:

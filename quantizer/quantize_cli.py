@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   owq quantize default ckpt/gptq-3-search --method gptq --wbits 3 --search
   owq quantize default ckpt/owq-3.05-minmax --method owq --target-bits 3.05 --minmax
   owq quantize default ckpt/rtn-4-g128 --method rtn --wbits 4 --groupsize 128
+  owq quantize default ckpt/owq-3-h4 --target-bits 3.05 --head-bits 4 --head-protect 0.01
   owq quantize path/to/hf_dir out/ --calib my_text.txt --nsamples 32 --seqlen 256 --overwrite
   owq eval ckpt/owq-3.05 ckpt/gptq-3                 # then compare perplexities
 """
@@ -80,9 +81,34 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
     p.add_argument("--calib", default="austen", help="'austen' (five novels) or a text file")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (speed only)")
+    _add_head_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
+
+
+def _add_head_arguments(p) -> None:
+    head = p.add_argument_group("vocabulary table (LM head, and a tied or untied embedding)")
+    head.add_argument(
+        "--head-bits", type=int, default=16, help="16 keeps it fp16 (default); 8, 4, 3 or 2"
+    )
+    head.add_argument("--head-groupsize", type=int, default=-1, help="-1 (per row), 32, 64, 128")
+    head.add_argument(
+        "--head-protect",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="fraction of vocabulary rows kept whole in fp16 (e.g. 0.01)",
+    )
+    head.add_argument(
+        "--head-protect-by",
+        choices=("error", "frequency"),
+        default="error",
+        help="rank rows by λ-weighted quantization error or by calibration frequency",
+    )
+    head.add_argument(
+        "--head-weak-columns", type=int, default=0, metavar="K", help="fp16 weak columns of the head"
+    )
 
 
 def settings_from_args(args):
@@ -105,6 +131,11 @@ def settings_from_args(args):
         seed=args.seed,
         calib=args.calib,
         batch_size=args.batch_size,
+        head_bits=args.head_bits,
+        head_groupsize=args.head_groupsize,
+        head_protect=args.head_protect,
+        head_protect_by=args.head_protect_by,
+        head_weak_columns=args.head_weak_columns,
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from owq.kernels.bits import CheckpointBits
 
 from .driver import LayerRecord
+from .vocab import VocabRecord
 
 
 def build_report(
@@ -19,6 +20,7 @@ def build_report(
     records: list[LayerRecord],
     seconds: dict[str, float],
     paper_bits: float,
+    vocab: VocabRecord | None = None,
 ) -> dict:
     return {
         "model": model,
@@ -27,6 +29,7 @@ def build_report(
         "paper_bits": paper_bits,
         "weak_columns_total": sum(r.weak_columns for r in records),
         "layers": [asdict(r) for r in records],
+        "vocab": None if vocab is None else asdict(vocab),
     }
 
 

@@ -13,6 +13,8 @@ from owq.kernels.packing import SUPPORTED_GROUP_SIZES as GROUP_SIZES
 
 METHODS = ("rtn", "gptq", "owq")
 ALLOCATIONS = ("uniform", "global")
+HEAD_BITS = (16, *WBITS)  # 16: the vocabulary table stays fp16
+PROTECT_BY = ("error", "frequency")
 DEFAULT_OWQ_EXTRA_BITS = 0.05  # like the paper's small-model rows (Table 1, marked *)
 
 
@@ -36,6 +38,11 @@ class QuantizeSettings:
     seed: int = 0
     calib: str = "austen"
     batch_size: int = 8  # calibration windows per forward (speed only, not results)
+    head_bits: int = 16  # the LM head / vocabulary table: 16 keeps it fp16
+    head_groupsize: int = -1
+    head_protect: float = 0.0  # fraction of vocabulary rows kept whole in fp16
+    head_protect_by: str = "error"  # rank rows by λ-weighted quantization error, or frequency
+    head_weak_columns: int = 0  # fp16 weak columns of the head (over the hidden size)
 
     def resolved(self) -> QuantizeSettings:
         """Fill method-dependent defaults; raise ValueError (one line) on an invalid combination."""
@@ -77,6 +84,28 @@ class QuantizeSettings:
             raise ValueError(f"--percdamp must lie in [0, 1), got {self.percdamp}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --batch-size must be >= 1 and --seqlen >= 2")
+        self._validate_head()
+
+    def _validate_head(self) -> None:
+        if self.head_bits not in HEAD_BITS:
+            raise ValueError(f"--head-bits must be one of {HEAD_BITS}, got {self.head_bits}")
+        if self.head_groupsize not in GROUP_SIZES:
+            raise ValueError(
+                f"--head-groupsize must be one of {GROUP_SIZES}, got {self.head_groupsize}"
+            )
+        if not 0 <= self.head_protect < 1:
+            raise ValueError(f"--head-protect must lie in [0, 1), got {self.head_protect}")
+        if self.head_protect_by not in PROTECT_BY:
+            raise ValueError(f"--head-protect-by must be one of {PROTECT_BY}")
+        if self.head_weak_columns < 0:
+            raise ValueError(f"--head-weak-columns must be >= 0, got {self.head_weak_columns}")
+        extras = self.head_protect or self.head_weak_columns or self.head_groupsize != -1
+        if self.head_bits == 16 and extras:
+            raise ValueError("--head-protect/--head-weak-columns/--head-groupsize need --head-bits")
+
+    def for_head(self) -> QuantizeSettings:
+        """The settings the head is quantized with: its own bits and group size, GPTQ order."""
+        return replace(self, wbits=self.head_bits, groupsize=self.head_groupsize, act_order=False)
 
     @property
     def needs_calibration(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 
 from owq.kernels import OWQLinear
 from owq.kernels.checkpoint import read_checkpoint, stored_fingerprint
+from owq.kernels.families import family_of
 
 from .adapter_registry import AdapterRegistry
 from .adapter_slots import SlotTable
@@ -144,7 +145,7 @@ class Engine:
             dtype=config.compute_dtype, device=config.device,
         )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-        fingerprint = stored_fingerprint(stored.tensors)
+        fingerprint = stored_fingerprint(stored.tensors, family_of(stored.config))
         name = model_name or Path(ckpt_dir).resolve().name
         eos = eos_ids(stored.config, tokenizer)
         return cls(runtime, tokenizer, eos, fingerprint, config, adapters_dir, observer, name)
