@@ -29,7 +29,7 @@ from .driver import quantize_blocks
 from .plan import layer_shapes, weak_column_plan
 from .report import add_bits, build_report
 from .settings import QuantizeSettings
-from .vocab import quantize_vocab
+from .vocab import head_stats, quantize_vocab
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,11 @@ def quantize(
         if windows is not None:
             inputs = capture_block_inputs(lm, family, windows, settings.batch_size)
         records = quantize_blocks(lm, family, settings, inputs, ks, progress)
-        hidden = inputs.hidden if inputs is not None else None
+        stats = None
+        if settings.head_bits != 16 and inputs is not None:
+            stats = head_stats(lm, family, inputs.hidden, windows)
         del inputs
-        vocab = quantize_vocab(lm, family, settings, hidden, windows)
-        del hidden
+        vocab = quantize_vocab(lm, family, settings, stats)
     seconds["quantize"] = time.perf_counter() - t
     report = build_report(
         settings.to_dict(), name, records, seconds,

@@ -107,7 +107,7 @@ def _add_head_arguments(p) -> None:
         help="rank rows by λ-weighted quantization error or by calibration frequency",
     )
     head.add_argument(
-        "--head-weak-columns", type=int, default=0, metavar="K", help="fp16 weak columns of the head"
+        "--head-weak-columns", type=int, default=0, metavar="K", help="fp16 weak columns (head)"
     )
 
 

@@ -112,37 +112,46 @@ def _quantize_embedding(W, settings: QuantizeSettings, counts) -> OWQEmbedding:
                                   protected)  # fmt: skip
 
 
-def quantize_vocab(
-    model: nn.Module,
-    family: Family,
-    settings: QuantizeSettings,
-    hidden: torch.Tensor | None,
-    windows: torch.Tensor | None,
-) -> VocabRecord | None:
-    """Swap the model's head (and embedding) for quantized tables, in place; None at 16 bits.
+@dataclass(frozen=True)
+class HeadStats:
+    """What the head is quantized from: the Hessian of its input and the token counts."""
 
-    hidden: [N, S, E] outputs of the last (quantized) block on the calibration windows [N, S]."""
+    hessian: torch.Tensor  # [D, D]
+    counts: torch.Tensor  # [V]
+
+
+def head_stats(
+    model: nn.Module, family: Family, hidden: torch.Tensor, windows: torch.Tensor
+) -> HeadStats:
+    """hidden: [N, S, E] outputs of the last (quantized) block on the windows [N, S]."""
+    head = model.get_submodule(family.head)
+    acc = HessianAccumulator(linear_weight(head).shape[1])
+    with torch.no_grad():
+        for chunk in hidden.split(8):
+            acc.add(head_inputs(model, family, chunk))
+    return HeadStats(acc.hessian(), token_counts(windows, linear_weight(head).shape[0]))
+
+
+def quantize_vocab(
+    model: nn.Module, family: Family, settings: QuantizeSettings, stats: HeadStats | None
+) -> VocabRecord | None:
+    """Swap the model's head (and embedding) for quantized tables, in place; None at 16 bits."""
     if settings.head_bits == 16:
         return None
-    if hidden is None or windows is None:
+    if stats is None:
         raise ValueError("--head-bits needs calibration data (a method other than rtn)")
     start = time.perf_counter()
     head, embed = model.get_submodule(family.head), model.get_submodule(family.embed)
     tied = head.weight is embed.weight
     W = linear_weight(head).to(torch.float32)
-    counts = token_counts(windows, W.shape[0])
-    acc = HessianAccumulator(W.shape[1])
-    with torch.no_grad():
-        for chunk in hidden.split(8):
-            acc.add(head_inputs(model, family, chunk))
     with single_thread():
-        table, rel = _quantize_head(W, acc.hessian(), settings, counts)
+        table, rel = _quantize_head(W, stats.hessian, settings, stats.counts)
         set_module(model, family.head, table)
         if tied:
             set_module(model, family.embed, TiedEmbedding(table))
         else:
-            set_module(model, family.embed, _quantize_embedding(embed.weight.float(), settings,
-                                                                counts))  # fmt: skip
+            embedding = _quantize_embedding(embed.weight.float(), settings, stats.counts)
+            set_module(model, family.embed, embedding)
     seconds = time.perf_counter() - start
     log.info(
         "head %d x %d quantized to %d bits in %.1fs (%d protected rows, %d weak columns)",
