@@ -125,8 +125,8 @@ def head_checkpoint(name: str, base: Path, stats, args) -> Path:
         is_checkpoint,
         load_checkpoint,
         read_quant_config,
+        save_checkpoint,
     )
-    from owq.kernels.checkpoint import save_checkpoint
     from owq.kernels.families import family_of
     from owq.quantizer.settings import QuantizeSettings
     from owq.quantizer.vocab import quantize_vocab
@@ -202,9 +202,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from owq.quantizer.texts import eval_text
-
     from owq.kernels.bits import checkpoint_bits
+    from owq.quantizer.texts import eval_text
 
     text = eval_text("persuasion")
     base = quality.checkpoint_for(BASE, quality.CONFIGS[BASE], args)

@@ -92,7 +92,7 @@ class OWQVocab(OWQLinear):
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows of the table for token ids [...] -> [..., D] in `dtype`; each distinct row is
         dequantized once and nothing else is."""
-        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        uniq, inverse = torch.unique(ids.reshape(-1).long(), return_inverse=True)
         codes = unpack_codes(self.qweight[:, uniq], self.bits)  # [D, n]
         g = self.packed.group_index()
         zeros = self._zero_points()[:, uniq][g]  # [D, n]

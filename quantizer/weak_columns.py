@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from owq.kernels.grid import fake_quantize
+from owq.kernels.packing import group_index
 
 from .search import fit_group_params
 
@@ -19,15 +20,20 @@ def column_sensitivity(
     group_size: int,
     sym: bool,
     search: bool,
+    out_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """sensitivity_j = λ_j·‖ΔW_:,j‖² with λ = diag(H), Q the layer's own grid (Eq. 6); [in]."""
+    """sensitivity_j = λ_j·‖ΔW_:,j‖² with λ = diag(H), Q the layer's own grid (Eq. 6); [in].
+    With `out_weight` f [out] (the Fisher of each output channel, `fisher.py`), the squared error
+    of each row is weighted by it: λ_j·Σ_o f_o ΔW_oj², a loss-unit score comparable across
+    layers."""
     W = W.to(torch.float32)
     scale, zero = fit_group_params(W, bits, group_size, sym, search)  # [G, out]
-    size = W.shape[1] if group_size == -1 else group_size
-    groups = torch.arange(W.shape[1]) // size
+    groups = group_index(W.shape[1], group_size)
     s, z = scale[groups].t(), zero[groups].t()  # [out, in]
-    Q = fake_quantize(W, s, z, bits)
-    return H_diag.to(torch.float32) * (W - Q).square().sum(0)
+    err = (W - fake_quantize(W, s, z, bits)).square()
+    if out_weight is not None:
+        err = err * out_weight.to(torch.float32)[:, None]
+    return H_diag.to(torch.float32) * err.sum(0)
 
 
 def select_weak_columns(sensitivity: torch.Tensor, k: int) -> torch.Tensor:
