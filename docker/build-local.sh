@@ -317,8 +317,14 @@ main() {
   done
   mkdir -p "$WORK"
   LOAD_START=$(load)
-  for s in "${steps[@]}"; do "step_$s"; done
+  local t0 timings=""
+  for s in "${steps[@]}"; do
+    t0=$(date +%s)
+    "step_$s"
+    timings+="$s $(($(date +%s) - t0)) s, "
+  done
   summary
+  echo "steps: ${timings%, }"
 }
 
 main "$@"
