@@ -201,8 +201,8 @@ post() {  # $1 url, $2 JSON body, extra curl args...; prints "HTTP_CODE BODY"
 }
 
 step_run() {
-  [ -f "$CHECKPOINT/config.json" ] || die "no checkpoint at $CHECKPOINT (set OWQ_CHECKPOINT;
-  make the default one with: OWQ_CACHE=... owq serve, or owq quantize default DIR)"
+  [ -f "$CHECKPOINT/config.json" ] \
+    || die "no checkpoint at $CHECKPOINT (set OWQ_CHECKPOINT, or make one: owq quantize default DIR)"
   [ -d "$ADAPTERS" ] || die "no adapters dir at $ADAPTERS (set OWQ_ADAPTERS)"
   "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
   log "starting $IMAGE on 127.0.0.1:$PORT with $CHECKPOINT (read-only)"
