@@ -9,15 +9,13 @@ names, nothing about training or serving.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import replace_dir
 from .checkpoint import base_fingerprint
 from .owq_linear import OWQLinear
 
@@ -59,15 +57,13 @@ def adapter_from_model(
 
 
 def save_adapter(adapter: Adapter, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically: a temp dir next to `out_dir`, renamed into place."""
+    """Write atomically (`atomic.replace_dir`): a reader sees the old adapter or the new one."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"adapter path {out} exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_dir(out, overwrite=overwrite) as tmp:
         tensors = {f"{k}.oweight": v.contiguous() for k, v in adapter.columns.items()}
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         config = {
@@ -77,12 +73,6 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, overwrite: bool = False)
             **adapter.config,
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

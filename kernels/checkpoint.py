@@ -2,7 +2,8 @@
 
 A checkpoint is a directory: `config.json` (the model config plus `quantization_config`),
 `model.safetensors` (packed `OWQLinear` tensors, everything else fp16), tokenizer files and
-`owq_report.json`. Writing goes to a temp dir that is renamed into place; loading builds the
+`owq_report.json`; `quantization_config.name` records the name it is served under (the output
+dir's name at quantize time). Writing goes through `atomic.replace_dir`; loading builds the
 transformers model with empty weights from the config, swaps every quantized linear for an
 `OWQLinear` and assigns the stored tensors, so no fp16 base is ever needed.
 """
@@ -11,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import replace_dir
 from .families import family_of, linear_shape, quantized_linear_paths, set_module
 from .owq_linear import OWQLinear
 from .owq_vocab import OWQEmbedding, OWQVocab, TiedEmbedding
@@ -131,35 +130,33 @@ def save_checkpoint(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output path {out} exists (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     round_unquantized(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replace_dir(out, overwrite=overwrite) as tmp:
         save_file(_state_for_file(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         config = model.config.to_dict()
         vocab = isinstance(model.get_output_embeddings(), OWQLinear)
-        config["quantization_config"] = quant.to_dict(file_sha256(tmp / WEIGHTS_NAME), vocab)
+        config["quantization_config"] = {
+            "name": out.name,
+            **quant.to_dict(file_sha256(tmp / WEIGHTS_NAME), vocab),
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
             content = report(tmp) if callable(report) else report
             (tmp / "owq_report.json").write_text(json.dumps(content, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+def checkpoint_name(path: str | Path) -> str:
+    """The name recorded at quantize time (`quantization_config.name`), else the dir's name."""
+    path = Path(path)
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        quant = None
+    name = quant.get("name") if isinstance(quant, dict) else None
+    return name if isinstance(name, str) and name else path.resolve().name
 
 
 def _read_config(path: Path) -> dict:

@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   owq serve ckpt/owq-3 --adapters adapters/ --port 8000
   owq serve ckpt/owq-3 --api-keys keys.json --max-batch 32 --max-queue 512
   owq serve ckpt/owq-3 --device cuda --host 0.0.0.0
+  owq serve /models/base --served-model-name default-owq3-k8   # the id clients send as model
 
   curl localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32}'
@@ -55,6 +56,14 @@ def add_parser(sub) -> None:
         metavar="DIR",
         help="adapters dir (default with no CKPT: examples/adapters/ if present)",
     )
+    p.add_argument(
+        "--served-model-name",
+        type=_model_name,
+        default=None,
+        metavar="NAME",
+        help="the base model's id in the API (default: the name recorded in the checkpoint, "
+        "else its dir name)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="rows in the running batch")
@@ -82,6 +91,12 @@ def add_parser(sub) -> None:
         help="do not load every adapter of the adapters dir at start-up",
     )
     p.set_defaults(run=run)
+
+
+def _model_name(text: str) -> str:
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model name (empty or padded)")
+    return text
 
 
 def resolve_paths(args) -> tuple[Path, Path | None]:
@@ -119,7 +134,9 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         device=args.device,
         packed_decode=args.cpu_decode == "int4",
     )
-    return Engine.from_checkpoint(ckpt, config, adapters_dir=adapters, observer=observer)
+    return Engine.from_checkpoint(
+        ckpt, config, adapters_dir=adapters, observer=observer, model_name=args.served_model_name
+    )
 
 
 def run(args) -> int:

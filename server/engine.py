@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from owq.kernels import OWQLinear
-from owq.kernels.checkpoint import read_checkpoint, stored_fingerprint
+from owq.kernels.checkpoint import checkpoint_name, read_checkpoint, stored_fingerprint
 from owq.kernels.families import family_of
 
 from .adapter_registry import AdapterRegistry
@@ -146,7 +146,7 @@ class Engine:
         )  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         fingerprint = stored_fingerprint(stored.tensors, family_of(stored.config))
-        name = model_name or Path(ckpt_dir).resolve().name
+        name = model_name or checkpoint_name(ckpt_dir)
         eos = eos_ids(stored.config, tokenizer)
         return cls(runtime, tokenizer, eos, fingerprint, config, adapters_dir, observer, name)
 

@@ -53,3 +53,14 @@ def test_calibration_excludes_heldout():
 def test_missing_corpus_says_what_to_install(tmp_path):
     with pytest.raises(austen.CorpusMissing, match="apt-get install r-cran-janeaustenr"):
         austen.read_novels(tmp_path / "Rdata.rdb")
+
+
+def test_env_var_names_a_copy_of_the_file(tmp_path, monkeypatch):
+    copy = tmp_path / "austen.rdb"
+    copy.write_bytes(austen.RDATA.read_bytes())
+    monkeypatch.setenv(austen.RDATA_ENV, str(copy))
+    assert austen.rdata_path() == copy
+    assert list(austen.read_novels()) == list(FIRST_SENTENCES)
+    monkeypatch.setenv(austen.RDATA_ENV, str(tmp_path / "gone.rdb"))
+    with pytest.raises(austen.CorpusMissing, match="gone.rdb missing.*OWQ_AUSTEN_RDATA"):
+        austen.read_novels()

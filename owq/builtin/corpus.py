@@ -3,18 +3,21 @@
 The package keeps them in an R lazy-load file (`data/Rdata.rdb`): a sequence of records, each a
 4-byte big-endian length and a zlib stream holding an R XDR serialization of a character vector
 (one element per line of the book). We parse just that: header, STRSXP, CHARSXP elements.
+`$OWQ_AUSTEN_RDATA` names a copy of that file (the container images carry only the file, no R).
 Knows nothing about models or quantization.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
 RDATA = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
-INSTALL_HINT = "apt-get install r-cran-janeaustenr"
+RDATA_ENV = "OWQ_AUSTEN_RDATA"
+INSTALL_HINT = f"apt-get install r-cran-janeaustenr, or set {RDATA_ENV} to a copy of Rdata.rdb"
 STRSXP, CHARSXP = 16, 9
 
 # The title line each book's vector starts with -> our name for the novel.
@@ -72,9 +75,18 @@ def _strings(data: bytes) -> list[str] | None:
     return lines
 
 
-@lru_cache(maxsize=2)
-def read_novels(path: Path = RDATA) -> dict[str, str]:
+def rdata_path() -> Path:
+    """$OWQ_AUSTEN_RDATA if set, else where Debian's package installs the file."""
+    return Path(os.environ.get(RDATA_ENV) or RDATA)
+
+
+def read_novels(path: Path | None = None) -> dict[str, str]:
     """{novel name: full text} for the six novels, in the order of TITLES."""
+    return _read_novels(Path(path) if path is not None else rdata_path())
+
+
+@lru_cache(maxsize=2)
+def _read_novels(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise CorpusMissing(f"the Austen corpus is not installed ({path} missing): {INSTALL_HINT}")
     found = {}
