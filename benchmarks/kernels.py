@@ -22,6 +22,7 @@ import sys
 import torch
 
 from owq.kernels import cuda_ops
+from owq.kernels.types import PackedWeight, WeakColumns
 
 PEAK_TBS = [("H200", 4.8), ("H100 PCIe", 2.0), ("H100 NVL", 3.9), ("H100", 3.35)]
 DEFAULT_SHAPES = ["4096x11008", "4096x4096", "11008x4096", "576x1536"]
@@ -74,37 +75,35 @@ def time_us(fn, args) -> float:
     return statistics.median(samples)
 
 
-def make_packed(in_f: int, out: int, bits: int, group: int, k: int, slots: int = 0) -> dict:
-    """Random packed layer tensors on the GPU (any int32 words are valid codes)."""
+def make_packed(
+    in_f: int, out: int, bits: int, group: int, k: int, slots: int = 0
+) -> tuple[PackedWeight, WeakColumns]:
+    """A random packed layer on the GPU (any int32 words are valid codes), `slots` adapter slots."""
     dev, groups = "cuda", 1 if group == -1 else in_f // group
     full = dict(dtype=torch.int32, device=dev)
-    return {
-        "qweight": torch.randint(-(2**31), 2**31 - 1, (in_f * bits // 32, out), **full),
-        "scales": (torch.rand(groups, out, device=dev) * 0.01).half(),
-        "qzeros": torch.randint(-(2**31), 2**31 - 1, (groups, -(-out // 32) * bits), **full),
-        "outlier_idx": torch.randperm(in_f, device=dev)[:k].sort().values.int(),
-        "oweight": torch.randn(k, out, device=dev).half(),
-        "bits": bits,
-        "group_size": group,
-        "adapter_table": torch.randn(slots, k, out, device=dev).half() if slots else None,
-    }
+    packed = PackedWeight(
+        torch.randint(-(2**31), 2**31 - 1, (in_f * bits // 32, out), **full),
+        (torch.rand(groups, out, device=dev) * 0.01).half(),
+        torch.randint(-(2**31), 2**31 - 1, (groups, -(-out // 32) * bits), **full),
+        bits,
+        group,
+    )
+    idx = torch.randperm(in_f, device=dev)[:k].sort().values.int()
+    return packed, WeakColumns(idx, torch.randn(slots + 1, k, out, device=dev).half())
 
 
-def packed_bytes(layer: dict, m: int) -> int:
-    tensors = ("qweight", "scales", "qzeros", "oweight", "outlier_idx")
-    in_f, out = layer["qweight"].shape[0] * 32 // layer["bits"], layer["qweight"].shape[1]
-    return sum(layer[t].numel() * layer[t].element_size() for t in tensors) + 2 * m * (in_f + out)
+def packed_bytes(layer: tuple[PackedWeight, WeakColumns], m: int) -> int:
+    """Bytes a call must read and write: codes, scales, zeros, slot-0 columns, x and y."""
+    packed, weak = layer
+    tensors = (packed.qweight, packed.scales, packed.qzeros, weak.base, weak.idx)
+    io = 2 * m * (packed.in_features + packed.out_features)
+    return sum(t.numel() * t.element_size() for t in tensors) + io
 
 
 def batched_path(x, layer, slots=None):
-    w = cuda_ops.dequantize_fp16(
-        layer["qweight"], layer["scales"], layer["qzeros"], layer["bits"], layer["group_size"]
-    )
-    y = x @ w
-    table = layer["adapter_table"]
-    return cuda_ops.weak_columns_sgmv(
-        x, layer["outlier_idx"], layer["oweight"], table, slots, out=y
-    )
+    packed, weak = layer
+    y = x @ cuda_ops.dequantize_fp16(packed)
+    return cuda_ops.weak_columns_sgmv(x, weak, slots, out=y)
 
 
 def peak_tbs() -> float | None:
@@ -124,7 +123,7 @@ def bench_decode(args, rows: list) -> None:
             layer = make_packed(in_f, out, bits, args.group_size, max(1, in_f * 3 // 1000))
             for m in args.rows:
                 x = torch.randn(m, in_f, device="cuda").half()
-                t_owq = time_us(lambda: cuda_ops.owq_matmul(x, **layer), args)  # noqa: B023
+                t_owq = time_us(lambda: cuda_ops.owq_matmul(x, *layer), args)  # noqa: B023
                 t_ref = time_us(lambda: x @ dense, args)  # noqa: B023
                 gbs = packed_bytes(layer, m) / t_owq / 1e3
                 pct = f"{100 * gbs / (peak * 1e3):6.1f}" if peak else "   n/a"
@@ -141,7 +140,7 @@ def bench_weak_overhead(args, rows: list, shape: str, bits: int) -> None:
     for label, k in [("k=0", 0), ("k=0.3%", in_f * 3 // 1000), ("k=1%", in_f // 100)]:
         layer = make_packed(in_f, out, bits, args.group_size, k)
         x = torch.randn(1, in_f, device="cuda").half()
-        t = time_us(lambda: cuda_ops.owq_matmul(x, **layer), args)  # noqa: B023
+        t = time_us(lambda: cuda_ops.owq_matmul(x, *layer), args)  # noqa: B023
         base = base or t
         print(f"{label:>8} (k={k:4d}): {t:8.2f} us  overhead {100 * (t / base - 1):5.1f}%")
         rows.append(dict(section="weak_overhead", shape=shape, bits=bits, k=k, us=t))
@@ -155,7 +154,7 @@ def bench_batched(args, rows: list, shape: str, bits: int) -> None:
     print(f"{'M':>5} {'gemv us':>9} {'deq+gemm us':>11} {'cublas us':>9} {'faster':>8}")
     for m in [16, 33, 64, 128, 512]:
         x = torch.randn(m, in_f, device="cuda").half()
-        t_gemv = time_us(lambda: cuda_ops.dequant_gemv(x, **layer), args)  # noqa: B023
+        t_gemv = time_us(lambda: cuda_ops.dequant_gemv(x, *layer), args)  # noqa: B023
         t_deq = time_us(lambda: batched_path(x, layer), args)  # noqa: B023
         t_ref = time_us(lambda: x @ dense, args)  # noqa: B023
         best = "gemv" if t_gemv < t_deq else "deq+gemm"
@@ -177,10 +176,47 @@ def bench_slots(args, rows: list, shape: str, bits: int) -> None:
     ]  # fmt: skip
     for label, layer, slots in cases:
         sl = None if slots is None else slots.cuda()
-        t_gemv = time_us(lambda: cuda_ops.owq_matmul(x, **layer, slots=sl), args)  # noqa: B023
+        t_gemv = time_us(lambda: cuda_ops.owq_matmul(x, *layer, slots=sl), args)  # noqa: B023
         t_deq = time_us(lambda: batched_path(x, layer, sl), args)  # noqa: B023
         print(f"{label:>18}: gemv path {t_gemv:8.2f} us   batched path {t_deq:8.2f} us")
         rows.append(dict(section="slots", case=label, gemv_us=t_gemv, batched_us=t_deq))
+
+
+FLOORS = [  # issue 15: (what, section, match, threshold)
+    (
+        "3-bit M=1 4096x11008 vs fp16 cuBLAS",
+        "decode",
+        {"shape": "4096x11008", "bits": 3, "m": 1},
+        3.5,
+    ),
+    (
+        "4-bit M=1 4096x11008 vs fp16 cuBLAS",
+        "decode",
+        {"shape": "4096x11008", "bits": 4, "m": 1},
+        2.8,
+    ),
+]
+
+
+def verdict(what: str, value: float, threshold: float, at_least: bool = True) -> dict:
+    passed = value >= threshold if at_least else value <= threshold
+    print(f"floor: {what}: {value:.3f} (threshold {threshold}) {'PASS' if passed else 'FAIL'}")
+    return dict(floor=what, value=value, threshold=threshold, passed=passed)
+
+
+def floors(rows: list) -> list[dict]:
+    """The speed floors whose rows were measured, each with value, threshold and verdict."""
+    out = []
+    for what, section, match, threshold in FLOORS:
+        found = [r for r in rows if r["section"] == section and match.items() <= r.items()]
+        if found:
+            out.append(verdict(what, found[0]["speedup"], threshold))
+    weak = {r["k"]: r["us"] for r in rows if r["section"] == "weak_overhead"}
+    if len(weak) == 3:
+        k0, k03 = sorted(weak)[:2]
+        overhead = weak[k03] / weak[k0] - 1
+        out.append(verdict("weak-column overhead at 0.3% of columns", overhead, 0.05, False))
+    return out
 
 
 def main(argv=None) -> int:
@@ -202,9 +238,12 @@ def main(argv=None) -> int:
         bench_weak_overhead(args, rows, main_shape, main_bits)
         bench_batched(args, rows, main_shape, main_bits)
         bench_slots(args, rows, main_shape, main_bits)
+    verdicts = floors(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "peak_tbs": peak, "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": name, "peak_tbs": peak, "rows": rows, "floors": verdicts}, f, indent=1
+            )
     return 0
 
 

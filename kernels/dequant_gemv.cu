@@ -1,10 +1,12 @@
-// Fused 2/3/4-bit OWQ dequant-GEMV (decode, up to 8 rows per row chunk) and dequantize-to-fp16.
+// Fused 2/3/4-bit OWQ dequant-GEMV (decode, up to 8 rows per row chunk) and dequantize.
 //
 // Layout: kernels/packing.py, format_version 1 (qweight int32 [in*BITS/32, out], 32 inputs per
 // BITS words of a column; scales fp16 [G, out]; qzeros int32 [G, ceil(out/32)*BITS] packed along
-// the output dim). Compiled by CuPy RawModule (NVRTC) and by tests/test_cuda_compile.py (nvcc)
-// with the same options; uses no headers, fp16 values are raw 16-bit words converted with PTX.
-// Knows nothing of torch, models or adapters beyond "slot 0 = oweight, slot s = table[s-1]".
+// the output dim). Compiled by CuPy RawModule (NVRTC) and by the compile checks with the same
+// options (cuda_build.COMPILE_OPTIONS: -I finds owq_cuda.cuh). x and y are the module's
+// activation type (fp16, or bf16 under -DOWQ_ACT_BF16). Knows nothing of torch, models or
+// adapters beyond "slot 0 = oweight, slot s = table[s-1]"; a slot id outside [0, num_slots] or a
+// weak column index outside [0, in) makes its row NaN (never another adapter's columns).
 //
 // dequant_gemv_<BITS>_<MT>_<VEC>: grid (ceil(out/256), nsplit, ceil(M/MT)), block (64, 4).
 //   threadIdx.x owns 4 consecutive output columns (one 128-bit load per packed word row, so a
@@ -15,30 +17,16 @@
 //   Per 32-input block: acc = sum_i x_i q_i (fp32), then y += s * acc - s * z * sum_i x_i.
 //   The weak columns of the split's share of k are added before the reduction (same launch).
 //   Splits write fp32 partials; the last block of a column tile (atomic ticket) sums them in
-//   split order (deterministic), adds bias, writes fp16 y and resets its ticket to 0.
+//   split order (deterministic for one launch plan: the plan depends on the SM count, so bits
+//   are reproducible per device model), adds bias, writes y and resets its ticket to 0.
+
+#include "owq_cuda.cuh"
 
 #define TILE_THREADS 64
-#define COLS 4
 #define TILE_COLS (TILE_THREADS * COLS)
 #define KSLICES 4
 #define GEMV_THREADS (TILE_THREADS * KSLICES)
 #define DEQ_THREADS 128
-
-typedef unsigned int u32;
-typedef unsigned short f16;
-typedef unsigned long long u64;  // no <cstddef> under NVRTC
-
-__device__ __forceinline__ float h2f(f16 h) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-  return f;
-}
-
-__device__ __forceinline__ f16 f2h(float f) {
-  f16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-  return h;
-}
 
 // Power of two by which code j (0..31) of a 32-input block is scaled once decoded in place.
 __host__ __device__ constexpr int code_shift(int bits, int j) {
@@ -97,49 +85,26 @@ __device__ __forceinline__ void load_words(const u32* __restrict__ qweight, int 
   }
 }
 
-// Four fp16 values p[c0..c0+3] of a row of length `out` as floats (0 past the end).
-template <bool VEC>
-__device__ __forceinline__ void load_halves(const f16* __restrict__ p, int c0, int out,
-                                            float (&v)[COLS]) {
-  if (VEC) {
-    const uint2 h = __ldg(reinterpret_cast<const uint2*>(p + c0));
-    v[0] = h2f((f16)(h.x & 0xFFFFu));
-    v[1] = h2f((f16)(h.x >> 16));
-    v[2] = h2f((f16)(h.y & 0xFFFFu));
-    v[3] = h2f((f16)(h.y >> 16));
-  } else {
-#pragma unroll
-    for (int c = 0; c < COLS; ++c) v[c] = c0 + c < out ? h2f(__ldg(p + c0 + c)) : 0.0f;
-  }
-}
-
 // Scales and integer zero points of group g for columns c0..c0+3 (0 past the end).
 template <int BITS, bool VEC>
 __device__ __forceinline__ void load_scale_zero(const f16* __restrict__ scales,
                                                 const u32* __restrict__ qzeros, int g, int out,
                                                 int c0, float (&s)[COLS], float (&z)[COLS]) {
-  load_halves<VEC>(scales + (u64)g * out, c0, out, s);
+  load4<Fp16, VEC>(scales + (u64)g * out, c0, out, s);
   const u32* zrow = qzeros + (u64)g * (((out + 31) >> 5) * BITS) + (c0 >> 5) * BITS;
 #pragma unroll
   for (int c = 0; c < COLS; ++c) z[c] = c0 + c < out ? zero_code<BITS>(zrow, (c0 + c) & 31) : 0.0f;
 }
 
-// y[row, c0..c0+3] = v (+ bias), rounded to fp16.
+// y[row, c0..c0+3] = v (+ bias), rounded once to the activation type.
 template <bool VEC>
-__device__ __forceinline__ void store_row(f16* __restrict__ y, const f16* __restrict__ bias,
+__device__ __forceinline__ void store_row(act_t* __restrict__ y, const f16* __restrict__ bias,
                                           u64 row_off, int c0, int out, float (&v)[COLS]) {
   float b[COLS] = {0.0f, 0.0f, 0.0f, 0.0f};
-  if (bias != nullptr) load_halves<VEC>(bias, c0, out, b);
-  if (VEC) {
-    uint2 h;
-    h.x = (u32)f2h(v[0] + b[0]) | ((u32)f2h(v[1] + b[1]) << 16);
-    h.y = (u32)f2h(v[2] + b[2]) | ((u32)f2h(v[3] + b[3]) << 16);
-    *reinterpret_cast<uint2*>(y + row_off + c0) = h;
-  } else {
+  if (bias != nullptr) load4<Fp16, VEC>(bias, c0, out, b);
 #pragma unroll
-    for (int c = 0; c < COLS; ++c)
-      if (c0 + c < out) y[row_off + c0 + c] = f2h(v[c] + b[c]);
-  }
+  for (int c = 0; c < COLS; ++c) b[c] += v[c];
+  store4<Act, VEC>(y + row_off, c0, out, b);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -151,12 +116,12 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Stage rows row0..row0+MT-1 of x[:, blk0*32 : (blk0+nb)*32] as fp32 scaled by 2^-code_shift,
 // plus the unscaled sum of every 32-input block: xs [MT][nb*32], xsum [MT][nb].
 template <int BITS, int MT>
-__device__ __forceinline__ void stage_x(const f16* __restrict__ x, float* xs, float* xsum, int M,
+__device__ __forceinline__ void stage_x(const act_t* __restrict__ x, float* xs, float* xsum, int M,
                                         int in, int row0, int blk0, int nb, int tid) {
   const int xlen = nb * 32;
   for (int e = tid; e < MT * xlen; e += GEMV_THREADS) {  // whole warps: MT*xlen % 32 == 0
     const int m = e / xlen, i = e - m * xlen, row = row0 + m;
-    const float v = row < M ? h2f(x[(u64)row * in + blk0 * 32 + i]) : 0.0f;
+    const float v = row < M ? Act::get(x[(u64)row * in + blk0 * 32 + i]) : 0.0f;
     xs[e] = v * exp2_neg(code_shift(BITS, i & 31));
     const float sum = warp_sum(v);
     if ((i & 31) == 0) xsum[m * nb + (i >> 5)] = sum;
@@ -165,10 +130,10 @@ __device__ __forceinline__ void stage_x(const f16* __restrict__ x, float* xs, fl
 
 template <int BITS, int MT, bool VEC>
 __device__ __forceinline__ void gemv_body(
-    const f16* __restrict__ x, const u32* __restrict__ qweight, const f16* __restrict__ scales,
+    const act_t* __restrict__ x, const u32* __restrict__ qweight, const f16* __restrict__ scales,
     const u32* __restrict__ qzeros, const int* __restrict__ outlier_idx,
     const f16* __restrict__ oweight, const f16* __restrict__ table,
-    const long long* __restrict__ slots, const f16* __restrict__ bias, f16* __restrict__ y,
+    const long long* __restrict__ slots, const f16* __restrict__ bias, act_t* __restrict__ y,
     float* __restrict__ partial, u32* __restrict__ tickets, int M, int in, int out, int k,
     int num_slots, int group_blocks, int bps) {
   extern __shared__ __align__(16) float smem[];
@@ -235,25 +200,31 @@ __device__ __forceinline__ void gemv_body(
     }
   }
 
-  // Weak columns: this split's share [j_lo, j_hi) of k, interleaved over the K slices.
+  // Weak columns: this split's share [j_lo, j_hi) of k, interleaved over the K slices. A row
+  // whose slot is out of range, or a weak column index out of range, turns the row NaN.
   if (k > 0 && active) {
     const int j_lo = (int)((long long)split * k / nsplit);
     const int j_hi = (int)((long long)(split + 1) * k / nsplit);
     const f16* obase[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      long long sl = (slots != nullptr && row0 + m < M) ? slots[row0 + m] : 0;
-      sl = sl < 0 ? 0 : (sl > num_slots ? num_slots : sl);
-      obase[m] = sl == 0 ? oweight : table + (u64)(sl - 1) * k * out;
+      const long long sl = (slots != nullptr && row0 + m < M) ? slots[row0 + m] : 0;
+      const f16* rows = slot_rows(oweight, table, sl, num_slots, k, out);
+      obase[m] = rows == nullptr ? oweight : rows;
+      const float start = rows == nullptr ? nan_value() : 0.0f;
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) yacc[m][c] += start;
     }
     for (int j = j_lo + ty; j < j_hi; j += KSLICES) {
-      const int col_in = __ldg(outlier_idx + j);
+      const u32 col_in = (u32)__ldg(outlier_idx + j);
+      const float poison = col_in < (u32)in ? 0.0f : nan_value();
+      const u32 col = col_in < (u32)in ? col_in : 0u;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (row0 + m >= M) break;
-        const float xv = h2f(x[(u64)(row0 + m) * in + col_in]);
+        const float xv = Act::get(x[(u64)(row0 + m) * in + col]) + poison;
         float o[COLS];
-        load_halves<VEC>(obase[m] + (u64)j * out, c0, out, o);
+        load4<Fp16, VEC>(obase[m] + (u64)j * out, c0, out, o);
 #pragma unroll
         for (int c = 0; c < COLS; ++c) yacc[m][c] = fmaf(xv, o[c], yacc[m][c]);
       }
@@ -319,14 +290,16 @@ __device__ __forceinline__ void gemv_body(
   if (tid == 0) tickets[ticket] = 0u;
 }
 
-// Dense fp16 weight [in, out] = (q - z) * s, rounded once (bit-equal to packing.dequantize).
-// grid (ceil(out / 512), in / 32), block 128: one thread = 4 columns x one 32-input block.
+// Dense weight [in, out] = (q - z) * s in the activation type, rounded once (bit-equal to
+// packing.dequantize). grid (ceil(out / 512), 32-input blocks of this launch), block 128: one
+// thread = 4 columns x one 32-input block; blk0 = first block (launches of at most 65535 rows).
 template <int BITS, bool VEC>
 __device__ __forceinline__ void dequant_body(const u32* __restrict__ qweight,
                                              const f16* __restrict__ scales,
-                                             const u32* __restrict__ qzeros, f16* __restrict__ w_out,
-                                             int out, int group_blocks) {
-  const int c0 = (blockIdx.x * DEQ_THREADS + threadIdx.x) * COLS, blk = blockIdx.y;
+                                             const u32* __restrict__ qzeros,
+                                             act_t* __restrict__ w_out, int out, int group_blocks,
+                                             int blk0) {
+  const int c0 = (blockIdx.x * DEQ_THREADS + threadIdx.x) * COLS, blk = blk0 + blockIdx.y;
   if (c0 >= out) return;
   const int g = group_blocks > 0 ? blk / group_blocks : 0;
   u32 w[COLS][BITS];
@@ -344,10 +317,10 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ qweight,
 }
 
 #define GEMV_PARAMS                                                                              \
-  const f16 *x, const u32 *qweight, const f16 *scales, const u32 *qzeros, const int *outlier_idx, \
-      const f16 *oweight, const f16 *table, const long long *slots, const f16 *bias, f16 *y,     \
-      float *partial, u32 *tickets, int M, int in, int out, int k, int num_slots,                \
-      int group_blocks, int bps
+  const act_t *x, const u32 *qweight, const f16 *scales, const u32 *qzeros,                   \
+      const int *outlier_idx, const f16 *oweight, const f16 *table, const long long *slots,    \
+      const f16 *bias, act_t *y, float *partial, u32 *tickets, int M, int in, int out, int k,  \
+      int num_slots, int group_blocks, int bps
 #define GEMV_ARGS                                                                               \
   x, qweight, scales, qzeros, outlier_idx, oweight, table, slots, bias, y, partial, tickets, M, \
       in, out, k, num_slots, group_blocks, bps
@@ -365,10 +338,10 @@ __device__ __forceinline__ void dequant_body(const u32* __restrict__ qweight,
   DEFINE_GEMV(BITS, 8, VEC, TAG)
 
 #define DEFINE_DEQUANT(BITS, VEC, TAG)                                                      \
-  extern "C" __global__ void __launch_bounds__(DEQ_THREADS) dequantize_fp16_##BITS##_##TAG( \
-      const u32 *qweight, const f16 *scales, const u32 *qzeros, f16 *w_out, int out,        \
-      int group_blocks) {                                                                   \
-    dequant_body<BITS, VEC>(qweight, scales, qzeros, w_out, out, group_blocks);             \
+  extern "C" __global__ void __launch_bounds__(DEQ_THREADS) dequantize_##BITS##_##TAG(      \
+      const u32 *qweight, const f16 *scales, const u32 *qzeros, act_t *w_out, int out,      \
+      int group_blocks, int blk0) {                                                         \
+    dequant_body<BITS, VEC>(qweight, scales, qzeros, w_out, out, group_blocks, blk0);       \
   }
 
 // Output widths that are not a multiple of 4 are rare: only 1 and 8 row variants for them.

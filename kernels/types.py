@@ -73,3 +73,26 @@ class WeakColumns:
     def base(self) -> torch.Tensor:
         """[k, out]: slot 0, the base's own columns."""
         return self.table[0]
+
+    def check_slots(self, slots: torch.Tensor) -> None:
+        """Raise ValueError unless every slot id lies in [0, S]: call where slot ids are set (one
+        host sync for device tensors). The kernels make a row with a bad slot NaN instead."""
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) > self.num_slots):
+            raise ValueError(
+                f"slot ids must lie in [0, {self.num_slots}], got [{int(slots.min())}, "
+                f"{int(slots.max())}]"
+            )
+
+    def check_indices(self, in_features: int) -> None:
+        """Raise ValueError unless idx is int32 [k], sorted, unique, inside [0, in_features):
+        call where weak columns are loaded. The kernels make a row NaN on an index outside."""
+        idx = self.idx
+        if idx.dim() != 1 or idx.dtype != torch.int32:
+            raise ValueError(f"outlier_idx must be int32 [k], got {idx.dtype} {tuple(idx.shape)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
+            raise ValueError(
+                f"outlier_idx must lie in [0, {in_features}), got [{int(idx.min())}, "
+                f"{int(idx.max())}]"
+            )
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("outlier_idx must be sorted and unique")
