@@ -168,11 +168,15 @@ def linear(
     decode: bool = False,
 ) -> torch.Tensor:
     """The CPU layer op: x [B, ..., in], slots [B] or None -> [B, ..., out] in x's dtype."""
-    y = dense(x, p, packed, decode)
+    y = dense(x, p, packed, decode)  # a fresh tensor: the rest adds into it in place
     if bias is not None:
-        y = y + bias.to(x.dtype)
+        y.add_(bias.to(x.dtype))
     if weak.k == 0:
         return y
-    rows = 1 if slots is None else x.shape[0]
-    weak_part = weak_product(x.reshape(rows, -1, x.shape[-1]), weak, slots)
-    return y + weak_part.view(y.shape)
+    if slots is None:  # every row on the base's columns: one gather and one fused GEMM
+        table = weak.table[0] if weak.table.dtype == x.dtype else weak.table[0].to(x.dtype)
+        xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))
+        y.view(-1, y.shape[-1]).addmm_(xk, table)
+        return y
+    weak_part = weak_product(x.reshape(x.shape[0], -1, x.shape[-1]), weak, slots)
+    return y.add_(weak_part.view(y.shape))

@@ -228,6 +228,11 @@ class OWQLinear(nn.Module):
             if self.num_weak:
                 missing.append(key)
             return
+        try:  # a corrupt index would make the kernels read past x: refuse it here, once
+            self.weak.check_indices(self.in_features)
+        except ValueError as e:
+            errors.append(f"{prefix}outlier_idx: {e}")
+            return
         value, k = state[key], self.outlier_idx.numel()
         if tuple(value.shape) != (k, self.out_features):
             errors.append(f"{key}: shape {tuple(value.shape)}, expected [{k}, {self.out_features}]")

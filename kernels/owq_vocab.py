@@ -73,6 +73,14 @@ class OWQVocab(OWQLinear):
     def _load_from_state_dict(self, state, prefix, metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state, prefix, metadata, strict, missing, unexpected, errors)
         self._zeros = None
+        rows = self.protected_idx.long()
+        ok = rows.numel() == 0 or (
+            int(rows.min()) >= 0 and int(rows.max()) < self.out_features
+            and bool((rows[1:] > rows[:-1]).all())
+        )  # fmt: skip
+        if not ok or tuple(self.protected_weight.shape) != (rows.numel(), self.in_features):
+            shape = f"[{self.out_features}, {self.in_features}]"
+            errors.append(f"{prefix}protected rows: not sorted unique rows of a table {shape}")
 
     def forward(
         self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   owq eval default                                   # fp baseline on Persuasion
   owq eval default ckpt/owq-3.05 ckpt/gptq-3 --json results.json
   owq eval ckpt/owq-3 --text my_text.txt --seqlen 1024 --max-windows 32
+  owq eval ckpt/owq-3-h4 --compare-gguf model.Q4_1.gguf    # size relative to a GGUF file
 """
 
 
@@ -36,6 +37,13 @@ def add_parser(sub) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    p.add_argument(
+        "--compare-gguf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="add a column: each checkpoint's file size relative to this GGUF file",
+    )
     p.set_defaults(run=run)
 
 
@@ -69,16 +77,23 @@ def evaluate_one(
     return row
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [
+def format_table(rows: list[dict], gguf_bytes: int | None = None) -> str:
+    """ppl, tokens, true bits per weight of the linears and of the whole file, size in MiB, and
+    with `gguf_bytes` the size relative to that GGUF file."""
+    head = (
         f"{'model':<40} {'ppl':>10} {'tokens':>8} {'bits/w lin':>10} {'bits/w all':>10} {'MiB':>8}"
-    ]
+    )
+    lines = [head + (f" {'x GGUF':>7}" if gguf_bytes else "")]
     for r in rows:
         size = f"{r['file_bytes'] / 2**20:8.1f}" if r["file_bytes"] else f"{'-':>8}"
-        lines.append(
+        line = (
             f"{r['model'][-40:]:<40} {r['ppl']:>10.3f} {r['tokens']:>8} "
             f"{r['bits_per_weight_linear']:>10.3f} {r['bits_per_weight_total']:>10.3f} {size}"
         )
+        if gguf_bytes:
+            ratio = r["file_bytes"] / gguf_bytes if r["file_bytes"] else None
+            line += f" {ratio:>7.3f}" if ratio else f" {'-':>7}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -86,8 +101,17 @@ def run(args) -> int:
     from owq.quantizer.texts import eval_text
 
     text = eval_text(args.text)
+    gguf_bytes = None
+    if args.compare_gguf is not None:
+        if not args.compare_gguf.is_file():
+            raise FileNotFoundError(f"--compare-gguf {args.compare_gguf} does not exist")
+        gguf_bytes = args.compare_gguf.stat().st_size
     rows = [evaluate_one(m, text, args.seqlen, args.max_windows, args.adapter) for m in args.models]
-    print(format_table(rows))
+    for row in rows:
+        row["gguf_ratio"] = (
+            row["file_bytes"] / gguf_bytes if gguf_bytes and row["file_bytes"] else None
+        )
+    print(format_table(rows, gguf_bytes))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"results": rows}, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ def add_parser(sub) -> None:
     _add_head_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--compare-gguf",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also print the checkpoint's size relative to this GGUF file",
+    )
     p.set_defaults(run=run)
 
 
@@ -147,6 +155,8 @@ def _check_paths(args) -> None:
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"output path {args.out} exists (use --overwrite to replace it)")
     resolve_source(args.model)  # ModelMissing (one line) before any heavy import
+    if args.compare_gguf is not None and not args.compare_gguf.is_file():
+        raise FileNotFoundError(f"--compare-gguf {args.compare_gguf} does not exist")
     if args.calib != "austen" and not Path(args.calib).is_file():
         raise FileNotFoundError(f"calibration text {args.calib} does not exist")
 
@@ -164,6 +174,11 @@ def run(args) -> int:
     out = quantize(
         args.model, args.out, settings, overwrite=args.overwrite, progress=not args.quiet
     )
-    print(summary_table(read_report(out)))
+    report = read_report(out)
+    print(summary_table(report))
+    if args.compare_gguf is not None:
+        size = report["bits"]["file_bytes"]
+        ratio = size / args.compare_gguf.stat().st_size
+        print(f"size: {size / 2**20:.1f} MiB = {ratio:.3f} x {args.compare_gguf.name}")
     print(f"wrote {out}")
     return 0

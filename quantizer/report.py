@@ -61,6 +61,15 @@ def summary_table(report: dict) -> str:
             f"{layers[0]['out_features']:>6} {_mean([x['weak_columns'] for x in layers]):>8.2f} "
             f"{'-' if err is None else f'{err:.3e}':>10}"
         )
+    vocab = report.get("vocab")
+    if vocab:
+        err = vocab["rel_error"]
+        lines.append(
+            f"vocabulary table {vocab['rows']} x {vocab['dim']}: {vocab['bits']}-bit, group "
+            f"{vocab['group_size']}, {vocab['protected_rows']} protected rows, "
+            f"{vocab['weak_columns']} weak columns, rel err {'-' if err is None else f'{err:.3e}'}"
+            f"{' (tied: one table for embedding and head)' if vocab['tied'] else ''}"
+        )
     s, b = report["seconds"], report.get("bits", {})
     lines.append(
         f"total {s['total']:.1f}s (quantize {s['quantize']:.1f}s); weak columns "

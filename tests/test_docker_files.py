@@ -78,7 +78,7 @@ def test_one_torch_build_per_image():
     assert "nvidia/cuda:13." in gpu and "startswith('13.')" in gpu and '".[cuda]"' in gpu
     assert "driver >= 580" in gpu
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert extras["optional-dependencies"]["cuda"] == ["cupy-cuda13x>=14"]
+    assert extras["optional-dependencies"]["cuda"] == ["cupy-cuda13x>=14,<15"]
 
 
 def test_constraints_pin_every_runtime_dependency():

@@ -34,7 +34,7 @@ class StepIndex:
     row0: int
     positions: torch.Tensor  # long [B, T]
     write_index: torch.Tensor  # long [B*T*H]: flat index into a layer's [rows*H*max_context, D]
-    mask: torch.Tensor  # bool [B, 1, T, length]: True = attend
+    mask: torch.Tensor | None  # bool [B, 1, T, length]: True = attend; None = attend to all
     length: int
     decode: bool = False  # a decode step (one new token per running row), not a prefill
 
@@ -84,14 +84,16 @@ def step_index(
     base = (rows[:, None, None] * heads + torch.arange(heads, device=positions.device)) * ctx
     write_index = (base + positions[:, :, None]).reshape(-1)  # [B, T, H] -> [B*T*H]
     length = int(positions.max()) + 1
-    keys = torch.arange(length, device=positions.device)
-    mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
+    mask = None  # one row decoding attends to its whole cache: no mask at all
+    if not (decode and batch == 1):
+        keys = torch.arange(length, device=positions.device)
+        mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
     return StepIndex(row0, positions, write_index, mask, length, decode)
 
 
-def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+def group_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:
     """[B, 1, T, L] -> [B, 1, G*T, L] for queries folded as (group, token); once per step."""
-    if groups == 1 or mask.shape[2] == 1:
+    if mask is None or groups == 1 or mask.shape[2] == 1:
         return mask
     b, _, t, length = mask.shape
     return mask[:, :, None].expand(b, 1, groups, t, length).reshape(b, 1, groups * t, length)

@@ -82,18 +82,20 @@ def rope_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 def rope_tables(inv_freq: torch.Tensor, scaling: float, max_context: int):
-    """(cos, sin) [max_context, head_dim] for positions 0 .. max_context-1."""
+    """(cos, signed sin) [max_context, head_dim] for positions 0 .. max_context-1; the sin's
+    first half is negated, so that rotate_half(x)·sin = roll(x, D/2)·signed sin."""
     positions = torch.arange(max_context, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos() * scaling, emb.sin() * scaling
+    sign = torch.ones(emb.shape[-1])
+    sign[: emb.shape[-1] // 2] = -1.0
+    return emb.cos() * scaling, emb.sin() * scaling * sign
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos, sin: [B, T, 1, D] (rows of the tables at each token's position)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos, signed_sin: [B, T, 1, D] (rows of `rope_tables` at each token's
+    position): x·cos + rotate_half(x)·sin in three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 def prepare_layers(
