@@ -77,7 +77,13 @@ def fisher_pass(
     model: nn.Module, family: Family, windows: torch.Tensor, batch: int = 2, progress: bool = True
 ) -> dict[str, ChannelStats]:
     """λ and f of every linear of the blocks and of the head, from the float model on `windows`
-    [N, S] (summed next-token loss; parameters get no gradient)."""
+    [N, S] (summed next-token loss; parameters get no gradient). Runs outside inference mode
+    (the quantizer's) since it needs a graph."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _pass(model, family, windows.clone(), batch, progress)
+
+
+def _pass(model, family, windows, batch: int, progress: bool) -> dict[str, ChannelStats]:
     from owq.kernels.families import linear_shape
 
     accs, handles = {}, []
@@ -89,14 +95,11 @@ def fisher_pass(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        with torch.enable_grad():
-            for chunk in tqdm(windows.split(batch), desc="fisher pass", disable=not progress):
-                inputs = embed(chunk).detach().requires_grad_(True)  # the graph, no param grads
-                logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1]
-                targets = chunk[:, 1:]
-                flat = logits.reshape(-1, logits.shape[-1]).float()
-                loss = F.cross_entropy(flat, targets.reshape(-1), reduction="sum")
-                loss.backward()
+        for chunk in tqdm(windows.split(batch), desc="fisher pass", disable=not progress):
+            inputs = embed(chunk).detach().requires_grad_(True)  # the graph, no param grads
+            logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1]
+            flat = logits.reshape(-1, logits.shape[-1]).float()
+            F.cross_entropy(flat, chunk[:, 1:].reshape(-1), reduction="sum").backward()
     finally:
         for h in handles:
             h.remove()
