@@ -23,6 +23,7 @@ from owq.kernels.checkpoint import QuantConfig, round_unquantized, save_checkpoi
 from owq.kernels.families import family_of
 
 from .allocation import paper_bits
+from .budget import whole_plan
 from .calibration import calibration_windows, tokenize
 from .capture import capture_block_inputs
 from .driver import quantize_blocks
@@ -108,7 +109,12 @@ def quantize(
         windows = (
             _windows(settings, tokenizer, calibration_ids) if settings.needs_calibration else None
         )
-        ks = weak_column_plan(lm, family, settings, windows, progress)
+        whole = None
+        if settings.budget == "whole":
+            whole = whole_plan(lm, family, shapes, settings, windows, progress)
+            ks = whole.ks
+        else:
+            ks = weak_column_plan(lm, family, settings, windows, progress)
         seconds["plan"] = time.perf_counter() - t
         t = time.perf_counter()
         inputs = None
@@ -117,9 +123,10 @@ def quantize(
         records = quantize_blocks(lm, family, settings, inputs, ks, progress)
         stats = None
         if settings.head_bits != 16 and inputs is not None:
-            stats = head_stats(lm, family, inputs.hidden, windows)
+            fisher = whole.row_fisher if whole is not None else None
+            stats = head_stats(lm, family, inputs.hidden, windows, fisher)
         del inputs
-        vocab = quantize_vocab(lm, family, settings, stats)
+        vocab = quantize_vocab(lm, family, settings, stats, whole and whole.head_rows)
     seconds["quantize"] = time.perf_counter() - t
     report = build_report(
         settings.to_dict(), name, records, seconds,
@@ -142,6 +149,7 @@ def _quant_config(settings: QuantizeSettings) -> QuantConfig:
         "target_bits": settings.target_bits,
         "weak_columns": settings.weak_columns,
         "allocation": settings.allocation,
+        "budget": settings.budget,
         "search": settings.search,
         "act_order": settings.act_order,
         "true_sequential": settings.true_sequential,

@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   owq quantize default ckpt/owq-3.05-minmax --method owq --target-bits 3.05 --minmax
   owq quantize default ckpt/rtn-4-g128 --method rtn --wbits 4 --groupsize 128
   owq quantize default ckpt/owq-3-h4 --target-bits 3.05 --head-bits 4 --head-protect 0.01
+  owq quantize default ckpt/whole-3.4 --budget whole --target-bits 3.4 --allocation global \
+      --head-bits 4 --head-groupsize 32    # the whole file at 3.4 bits per weight
   owq quantize path/to/hf_dir out/ --calib my_text.txt --nsamples 32 --seqlen 256 --overwrite
   owq eval ckpt/owq-3.05 ckpt/gptq-3                 # then compare perplexities
 """
@@ -48,6 +50,13 @@ def add_parser(sub) -> None:
         choices=("uniform", "global"),
         default="uniform",
         help="uniform: paper Appendix D.2; global: one sensitivity ranking across layers",
+    )
+    p.add_argument(
+        "--budget",
+        choices=("linear", "whole"),
+        default="linear",
+        help="what --target-bits counts: the linears (the paper's bits) or the whole file's true "
+        "bits per weight, spent on weak columns and protected head rows",
     )
     p.add_argument("--groupsize", type=int, default=-1, help="-1 (per channel), 32, 64 or 128")
     p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending diag(H)")
@@ -128,6 +137,7 @@ def settings_from_args(args):
         target_bits=args.target_bits,
         weak_columns=args.weak_columns,
         allocation=args.allocation,
+        budget=args.budget,
         groupsize=args.groupsize,
         act_order=args.act_order,
         true_sequential=args.true_sequential,

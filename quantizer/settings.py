@@ -14,6 +14,7 @@ from owq.kernels.packing import SUPPORTED_GROUP_SIZES as GROUP_SIZES
 METHODS = ("rtn", "gptq", "owq")
 ALLOCATIONS = ("uniform", "global")
 HEAD_BITS = (16, *WBITS)  # 16: the vocabulary table stays fp16
+BUDGETS = ("linear", "whole")
 PROTECT_BY = ("error", "frequency")
 DEFAULT_OWQ_EXTRA_BITS = 0.05  # like the paper's small-model rows (Table 1, marked *)
 
@@ -27,6 +28,7 @@ class QuantizeSettings:
     target_bits: float | None = None  # OWQ: average bits incl. fp16 weak columns (paper's t)
     weak_columns: int | None = None  # OWQ: fixed k per layer (instead of target_bits)
     allocation: str = "uniform"  # uniform (Appendix D.2) | global (sensitivity-ranked)
+    budget: str = "linear"  # target_bits of the linears (paper) | of the whole file (true bits)
     groupsize: int = -1
     act_order: bool = False
     true_sequential: bool | None = None  # None = on for owq (one pass per block), off otherwise
@@ -52,6 +54,10 @@ class QuantizeSettings:
         if sequential is None:
             sequential = self.method == "owq"
         target, k = self.target_bits, self.weak_columns
+        if self.budget == "whole" and target is None:
+            raise ValueError(
+                "--budget whole needs --target-bits (true bits per weight, whole file)"
+            )
         if self.method == "owq" and target is None and k is None:
             target = self.wbits + DEFAULT_OWQ_EXTRA_BITS
         return replace(
@@ -72,7 +78,14 @@ class QuantizeSettings:
         wants_weak = self.target_bits is not None or self.weak_columns is not None
         if wants_weak and self.method != "owq":
             raise ValueError("--target-bits/--weak-columns need --method owq")
-        if self.target_bits is not None and not self.wbits <= self.target_bits < 16:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"--budget must be one of {BUDGETS}, got {self.budget!r}")
+        if self.budget == "whole" and (self.method != "owq" or self.weak_columns is not None):
+            raise ValueError("--budget whole needs --method owq with --target-bits")
+        if self.budget == "whole" and self.target_bits is not None:
+            if not 0 < self.target_bits < 16:
+                raise ValueError(f"--target-bits {self.target_bits} must lie in (0, 16)")
+        elif self.target_bits is not None and not self.wbits <= self.target_bits < 16:
             raise ValueError(
                 f"--target-bits {self.target_bits} must lie in [--wbits {self.wbits}, 16)"
             )

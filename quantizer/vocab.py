@@ -66,11 +66,11 @@ def token_counts(windows: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def row_saliency(
-    W: torch.Tensor, lam: torch.Tensor, s: QuantizeSettings, counts: torch.Tensor
+    W: torch.Tensor, lam: torch.Tensor, s: QuantizeSettings, counts: torch.Tensor | None
 ) -> torch.Tensor:
     """[V] the score protected rows are chosen by: λ-weighted rounding error of each row on the
     table's own grid (`error`), or the token's calibration frequency (`frequency`)."""
-    if s.head_protect_by == "frequency":
+    if s.head_protect_by == "frequency" and counts is not None:
         return counts
     scale, zero = fit_group_params(W, s.wbits, s.groupsize, s.sym, bool(s.search), lam)
     g = group_index(W.shape[1], s.groupsize)
@@ -78,9 +78,8 @@ def row_saliency(
     return (err.square() * lam).sum(1)
 
 
-def top_rows(score: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Indices (sorted) of the round(fraction·V) highest-scoring rows."""
-    count = round(fraction * score.numel())
+def top_rows(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (sorted) of the `count` highest-scoring rows."""
     order = torch.sort(score, descending=True, stable=True).indices
     return torch.sort(order[:count]).values
 
@@ -91,10 +90,14 @@ def _as_vocab(cls, res, s: QuantizeSettings) -> OWQVocab:
     )
 
 
-def _quantize_head(W, H, settings: QuantizeSettings, counts) -> tuple[OWQVocab, float | None]:
-    s = settings.for_head()
+def _quantize_head(W, stats: HeadStats, settings: QuantizeSettings, rows: int):
+    """(table, relative output error) of the head with `rows` protected rows."""
+    s, H = settings.for_head(), stats.hessian
     lam = torch.diag(H)
-    protected = top_rows(row_saliency(W, lam, s, counts), s.head_protect)
+    score = row_saliency(W, lam, s, stats.counts)
+    if stats.fisher is not None and s.head_protect_by == "error":
+        score = score * stats.fisher  # the loss-unit score the whole budget was planned with
+    protected = top_rows(score, rows)
     found = {}
 
     def quantize(rows: torch.Tensor) -> OWQVocab:
@@ -105,9 +108,9 @@ def _quantize_head(W, H, settings: QuantizeSettings, counts) -> tuple[OWQVocab, 
     return table, found["res"].rel_error
 
 
-def _quantize_embedding(W, settings: QuantizeSettings, counts) -> OWQEmbedding:
+def _quantize_embedding(W, settings: QuantizeSettings, counts, rows: int) -> OWQEmbedding:
     s = settings.for_head()
-    protected = top_rows(counts, s.head_protect)
+    protected = top_rows(counts, rows)
     return OWQEmbedding.from_rows(lambda r: _as_vocab(OWQEmbedding, rtn_linear(r, s), s), W,
                                   protected)  # fmt: skip
 
@@ -118,10 +121,15 @@ class HeadStats:
 
     hessian: torch.Tensor  # [D, D]
     counts: torch.Tensor  # [V]
+    fisher: torch.Tensor | None = None  # [V] per-row Fisher of the logits (`fisher.py`), if any
 
 
 def head_stats(
-    model: nn.Module, family: Family, hidden: torch.Tensor, windows: torch.Tensor
+    model: nn.Module,
+    family: Family,
+    hidden: torch.Tensor,
+    windows: torch.Tensor,
+    fisher: torch.Tensor | None = None,
 ) -> HeadStats:
     """hidden: [N, S, E] outputs of the last (quantized) block on the windows [N, S]."""
     head = model.get_submodule(family.head)
@@ -129,13 +137,18 @@ def head_stats(
     with torch.no_grad():
         for chunk in hidden.split(8):
             acc.add(head_inputs(model, family, chunk))
-    return HeadStats(acc.hessian(), token_counts(windows, linear_weight(head).shape[0]))
+    return HeadStats(acc.hessian(), token_counts(windows, linear_weight(head).shape[0]), fisher)
 
 
 def quantize_vocab(
-    model: nn.Module, family: Family, settings: QuantizeSettings, stats: HeadStats | None
+    model: nn.Module,
+    family: Family,
+    settings: QuantizeSettings,
+    stats: HeadStats | None,
+    rows: int | None = None,
 ) -> VocabRecord | None:
-    """Swap the model's head (and embedding) for quantized tables, in place; None at 16 bits."""
+    """Swap the model's head (and embedding) for quantized tables, in place; None at 16 bits.
+    `rows` protected rows per table (default: the `--head-protect` fraction of the vocabulary)."""
     if settings.head_bits == 16:
         return None
     if stats is None:
@@ -144,13 +157,14 @@ def quantize_vocab(
     head, embed = model.get_submodule(family.head), model.get_submodule(family.embed)
     tied = head.weight is embed.weight
     W = linear_weight(head).to(torch.float32)
+    rows = round(settings.head_protect * W.shape[0]) if rows is None else rows
     with single_thread():
-        table, rel = _quantize_head(W, stats.hessian, settings, stats.counts)
+        table, rel = _quantize_head(W, stats, settings, rows)
         set_module(model, family.head, table)
         if tied:
             set_module(model, family.embed, TiedEmbedding(table))
         else:
-            embedding = _quantize_embedding(embed.weight.float(), settings, stats.counts)
+            embedding = _quantize_embedding(embed.weight.float(), settings, stats.counts, rows)
             set_module(model, family.embed, embedding)
     seconds = time.perf_counter() - start
     log.info(

@@ -1,0 +1,56 @@
+"""The whole-file budget: the planned bytes are the file's bytes, and global allocation lands
+within one weak column or protected row of the requested whole-file bits."""
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from owq.kernels.bits import checkpoint_bits
+from owq.kernels.families import family_of
+from owq.quantizer.api import quantize, read_report
+from owq.quantizer.budget import planned_bytes, planned_tensors
+from owq.quantizer.settings import QuantizeSettings
+
+IDS = torch.randint(0, VOCAB, (4000,), generator=torch.Generator().manual_seed(0))
+HEAD = {"head_bits": 4, "head_groupsize": 32}
+
+
+def _quantize(kind, tmp_path, **fields):
+    model = tiny_model(kind)
+    params = sum(p.numel() for p in model.parameters())
+    out = quantize(
+        model, tmp_path / kind, calibration_ids=IDS, nsamples=8, seqlen=64, wbits=3,
+        budget="whole", progress=False, **fields,
+    )  # fmt: skip
+    return out, params
+
+
+@pytest.mark.parametrize("kind,bits", [("llama", 5.0), ("mistral", 5.0), ("opt", 7.5)])
+def test_global_spends_the_whole_file_budget_within_one_column_or_row(kind, bits, tmp_path):
+    out, params = _quantize(kind, tmp_path, target_bits=bits, allocation="global", **HEAD)
+    size, target = checkpoint_bits(out).file_bytes, int(bits * params / 8)
+    report = read_report(out)
+    smallest = min(2 * layer["out_features"] + 4 for layer in report["layers"])
+    assert 0 <= target - size <= max(smallest, 2 * 64 + 4), (target, size)
+    assert report["weak_columns_total"] > 0
+
+
+def test_planned_bytes_are_the_file_bytes(tmp_path):
+    out, _ = _quantize("llama", tmp_path, target_bits=5.0, head_protect=0.05, **HEAD)
+    report = read_report(out)
+    ks = {layer["name"]: layer["weak_columns"] for layer in report["layers"]}
+    settings = QuantizeSettings(wbits=3, budget="whole", target_bits=5.0, head_protect=0.05, **HEAD)
+    model = tiny_model("llama")
+    rows = report["vocab"]["protected_rows"]
+    planned = planned_tensors(model, family_of(model.config), settings, ks, rows)
+    assert planned_bytes(planned) == checkpoint_bits(out).file_bytes
+
+
+def test_a_target_below_the_codes_alone_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="below the .* bits per weight the codes"):
+        _quantize("llama", tmp_path, target_bits=2.0, allocation="global", **HEAD)
+
+
+def test_whole_budget_needs_target_bits():
+    with pytest.raises(ValueError, match="--budget whole needs --target-bits"):
+        QuantizeSettings(budget="whole").resolved()
