@@ -24,31 +24,30 @@ import quality
 log = logging.getLogger("benchmarks.whole_model")
 
 BASE = "owq-3.05"
+G32 = {"head_bits": 4, "head_groupsize": 32}
+FREQ = {"head_protect_by": "frequency"}
 HEADS: dict[str, dict] = {  # vocabulary-table settings on the OWQ-3.05 blocks
     "h8": {"head_bits": 8},
     "h4": {"head_bits": 4},
     "h4-g64": {"head_bits": 4, "head_groupsize": 64},
-    "h4-g32": {"head_bits": 4, "head_groupsize": 32},
-    "h4-g32-p0.1": {"head_bits": 4, "head_groupsize": 32, "head_protect": 0.001},
-    "h4-g32-p1": {"head_bits": 4, "head_groupsize": 32, "head_protect": 0.01},
-    "h4-g32-p5": {"head_bits": 4, "head_groupsize": 32, "head_protect": 0.05},
-    "h4-g32-p1-freq": {
-        "head_bits": 4,
-        "head_groupsize": 32,
-        "head_protect": 0.01,
-        "head_protect_by": "frequency",
-    },
-    "h4-g32-k8": {"head_bits": 4, "head_groupsize": 32, "head_weak_columns": 8},
+    "h4-g32": G32,
+    "h4-g32-p0.1f": {**G32, **FREQ, "head_protect": 0.001},
+    "h4-g32-p1f": {**G32, **FREQ, "head_protect": 0.01},
+    "h4-g32-p5f": {**G32, **FREQ, "head_protect": 0.05},
+    "h4-g32-p1e": {**G32, "head_protect": 0.01},
+    "h4-g32-k8": {**G32, "head_weak_columns": 8},
     "h3-g32": {"head_bits": 3, "head_groupsize": 32},
-    "h3-g32-p1": {"head_bits": 3, "head_groupsize": 32, "head_protect": 0.01},
-    "h3-g32-p1-freq": {
-        "head_bits": 3,
-        "head_groupsize": 32,
-        "head_protect": 0.01,
-        "head_protect_by": "frequency",
-    },
+    "h3-g32-p1f": {"head_bits": 3, "head_groupsize": 32, **FREQ, "head_protect": 0.01},
+    "h3-g32-p5f": {"head_bits": 3, "head_groupsize": 32, **FREQ, "head_protect": 0.05},
 }
 REFERENCES = ("gptq-3", "gptq-4")
+# Whole-file budget rows, all at the bytes of the reference head row (equal whole-file bytes):
+# its protected rows' bytes spent on weak columns instead, and everything ranked globally.
+EQUAL_BYTES_OF = "h4-g32-p1f"
+WHOLE: dict[str, dict] = {
+    "whole-uniform-p0": {"allocation": "uniform", "head_bits": 4, "head_groupsize": 32},
+    "whole-global": {"allocation": "global", "head_bits": 4, "head_groupsize": 32},
+}
 
 EXAMPLES = """examples:
   python benchmarks/whole_model.py                      # every row (hours on 2 cores)
@@ -63,6 +62,7 @@ def parse_args(argv):
     )
     p.add_argument("--heads", nargs="*", default=list(HEADS), choices=list(HEADS))
     p.add_argument("--references", nargs="*", default=list(REFERENCES), choices=REFERENCES)
+    p.add_argument("--whole", nargs="*", default=list(WHOLE), choices=list(WHOLE))
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +145,12 @@ def head_checkpoint(name: str, base: Path, stats, args) -> Path:
     return save_checkpoint(model, out, config, AutoTokenizer.from_pretrained(base), overwrite=True)
 
 
+def whole_checkpoint(name: str, target_bits: float, args) -> Path:
+    """A full quantization with --budget whole at `target_bits` (the equal-bytes reference's)."""
+    fields = {**quality.CONFIGS[BASE], **WHOLE[name], "budget": "whole", "target_bits": target_bits}
+    return quality.checkpoint_for(name, fields, args)
+
+
 def gguf_row(args, text: str, params: int) -> dict:
     """The Q4_1 GGUF the default model ships as: its perplexity is the fp baseline's; bits per
     weight over the same parameter count as our checkpoints (the tied table once)."""
@@ -212,6 +218,12 @@ def main(argv=None) -> int:
     stats = head_stats(base, args) if args.heads else None
     for name in args.heads:
         rows.append(evaluate_checkpoint(name, head_checkpoint(name, base, stats, args), args, text))
+    if args.whole:
+        reference = head_checkpoint(EQUAL_BYTES_OF, base, stats or head_stats(base, args), args)
+        bits = checkpoint_bits(reference).bits_per_weight_total
+        for name in args.whole:
+            ckpt = whole_checkpoint(name, bits, args)
+            rows.append(evaluate_checkpoint(name, ckpt, args, text))
     for name in args.references:
         ckpt = quality.checkpoint_for(name, quality.CONFIGS[name], args)
         rows.append(evaluate_checkpoint(name, ckpt, args, text))
