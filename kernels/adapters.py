@@ -1,8 +1,9 @@
 """Weak-column adapters on disk: `adapter_config.json` + `adapter.safetensors` (`<layer>.oweight`).
 
 An adapter is a per-task copy of every (or some) quantized layer's fp16 weak columns [k, out].
-It records the fingerprint of its base (`checkpoint.base_fingerprint`: names, shapes and
-`outlier_idx` of every OWQLinear) and is refused on any other base. Knows the `OWQLinear` tensor
+It records the fingerprint of its base (`checkpoint.base_fingerprint`: the hash of the base's
+weak-column plan, names, shapes and `outlier_idx` of every OWQLinear with k > 0) and is refused
+on any other base. Knows the `OWQLinear` tensor
 names, nothing about training or serving.
 """
 

@@ -23,7 +23,6 @@ from .atomic import replace_dir
 from .families import family_of, linear_shape, quantized_linear_paths, set_module
 from .owq_linear import OWQLinear
 from .owq_vocab import OWQEmbedding, OWQVocab, TiedEmbedding
-from .packing import stored_layout
 
 FORMAT_VERSION = 1  # written when the vocabulary table stays fp16 (byte-identical to before)
 VOCAB_FORMAT_VERSION = 2  # the vocabulary table quantized (kernels.owq_vocab)
@@ -325,31 +324,18 @@ def _cast_unquantized(model: nn.Module, dtype: torch.dtype, tie: bool = True) ->
         model.tie_weights()
 
 
-def _fingerprint(layers: dict[str, tuple[int, int, torch.Tensor]]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(layers):
-        in_f, out_f, idx = layers[name]
-        digest.update(f"{name}:{in_f}x{out_f}:".encode())
-        digest.update(idx.cpu().to(torch.int32).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def base_fingerprint(model: nn.Module) -> str:
-    """Hash of every quantized linear's name, shape and outlier_idx (not the vocabulary tables,
-    which adapters never touch): what an adapter must match."""
-    return _fingerprint({
-        name: (m.in_features, m.out_features, m.outlier_idx)
-        for name, m in model.named_modules()
-        if isinstance(m, OWQLinear) and not isinstance(m, OWQVocab)
-    })  # fmt: skip
+    """The fingerprint of the model's weak-column plan (`plan.WeakColumnPlan.fingerprint`: name,
+    shape and `outlier_idx` of every quantized linear with k > 0, not the vocabulary tables, which
+    adapters never touch): what an adapter must match. The same value comes from the checkpoint's
+    tensors (`stored_fingerprint`) or its plan file (`plan.read_plan`)."""
+    from .plan import plan_of_model  # plan.py reads checkpoints: it imports this module
+
+    return plan_of_model(model).fingerprint
 
 
 def stored_fingerprint(tensors: dict[str, torch.Tensor], family) -> str:
     """`base_fingerprint` of a checkpoint from its tensors alone (no model built)."""
-    layers = {}
-    names = (k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
-    for name in (n for n in names if n.startswith(family.blocks + ".")):
-        in_f, out_f, _, _ = stored_layout(*(tensors[f"{name}.{p}"] for p in PACKED_PARTS))
-        idx = tensors.get(f"{name}.outlier_idx", torch.empty(0, dtype=torch.int32))
-        layers[name] = (in_f, out_f, idx)
-    return _fingerprint(layers)
+    from .plan import plan_of_tensors
+
+    return plan_of_tensors(tensors, family).fingerprint

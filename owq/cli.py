@@ -17,6 +17,7 @@ COMMANDS = (
     "owq.quantizer.eval_cli",
     "owq.quantizer.tuning.cli",
     "owq.quantizer.adapters_cli",
+    "owq.quantizer.plan_cli",
     "owq.server.cli",
 )
 
@@ -25,6 +26,7 @@ EXAMPLES = """examples:
   owq eval default                       # perplexity of the built-in model on Persuasion
   owq tune ckpt/owq-3 task.jsonl --out adapters/task   # weak column tuning -> adapter dir
   owq adapters inspect adapters/task     # size, task, base fingerprint, training settings
+  owq plan export ckpt/owq-3 plan.json   # weak columns per layer, for --weak-columns-from
   owq serve ckpt/owq-3 --adapters adapters/   # OpenAI-compatible server on 127.0.0.1:8000
   owq <command> --help                   # examples for each command
 """

@@ -28,7 +28,9 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     inspect.add_argument("adapter", metavar="DIR", type=Path)
-    inspect.add_argument("--base", default=None, help="owq checkpoint to check the adapter against")
+    inspect.add_argument(
+        "--base", default=None, help="owq checkpoint or plan file to check the adapter against"
+    )
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(run=run_inspect)
 
@@ -56,9 +58,9 @@ def describe(path: Path) -> dict:
 
 
 def _base_check(info: dict, base: str) -> str:
-    from owq.kernels.checkpoint import base_fingerprint, load_checkpoint
+    from owq.kernels.plan import read_plan
 
-    fingerprint = base_fingerprint(load_checkpoint(base))
+    fingerprint = read_plan(base).fingerprint  # a checkpoint's tensors or a plan file
     if fingerprint == info["base_fingerprint"]:
         return f"fits base {base} ({fingerprint})"
     theirs = info["base_fingerprint"]

@@ -2,7 +2,8 @@
 
 Used by `owq quantize`, the benchmarks and `owq serve` (its default checkpoint). Steps: load the
 float model → round its unquantized parameters to fp16 (so calibration sees the stored model) →
-calibration windows → weak-column plan → block-by-block quantization → save (atomic) → bits and
+calibration windows → weak columns per layer (k from the settings, or k and the columns from a
+weak-column plan) → block-by-block quantization → save (atomic) → bits and
 report. Knows the pipeline's modules; nothing about argument parsing or printing.
 """
 
@@ -20,24 +21,44 @@ from torch import nn
 
 from owq.kernels.bits import checkpoint_bits
 from owq.kernels.checkpoint import QuantConfig, round_unquantized, save_checkpoint
-from owq.kernels.families import family_of
+from owq.kernels.families import Family, family_of
+from owq.kernels.plan import WeakColumnPlan
 
 from .allocation import paper_bits
 from .budget import whole_plan
 from .calibration import calibration_windows, tokenize
 from .capture import capture_block_inputs
-from .driver import quantize_blocks
-from .plan import layer_shapes, weak_column_plan
+from .driver import WeakColumnChoice, quantize_blocks
 from .report import add_bits, build_report
 from .settings import QuantizeSettings
 from .vocab import head_stats, quantize_vocab
+from .weak_counts import layer_shapes, weak_column_counts
 
 log = logging.getLogger(__name__)
 
 
-def _settings(settings: QuantizeSettings | None, fields: dict) -> QuantizeSettings:
+def _settings(
+    settings: QuantizeSettings | None, fields: dict, plan: WeakColumnPlan | None
+) -> QuantizeSettings:
     base = settings if settings is not None else QuantizeSettings()
-    return replace(base, **fields).resolved()
+    if plan is not None:
+        fields = {"allocation": "plan", **fields}
+    resolved = replace(base, **fields).resolved()
+    if resolved.allocation == "plan" and plan is None:
+        raise ValueError("allocation 'plan' needs a weak-column plan (--weak-columns-from)")
+    return resolved
+
+
+def _weak_columns(
+    lm: nn.Module, family: Family, settings: QuantizeSettings, windows, plan, progress: bool
+) -> WeakColumnChoice:
+    if plan is None:
+        return WeakColumnChoice(weak_column_counts(lm, family, settings, windows, progress))
+    counts = {layer.name: layer.k for layer in plan.layers}
+    given = {layer.name: torch.tensor(layer.weak_idx, dtype=torch.long) for layer in plan.layers}
+    log.info("weak columns from plan %s (%d layers with k > 0)", plan.fingerprint,
+             sum(1 for k in counts.values() if k))  # fmt: skip
+    return WeakColumnChoice(counts, given)
 
 
 def _load(model, tokenizer):
@@ -84,6 +105,7 @@ def quantize(
     progress: bool = True,
     tokenizer=None,
     calibration_ids: torch.Tensor | None = None,
+    plan: WeakColumnPlan | None = None,
     **fields,
 ) -> Path:
     """Quantize `model` ('default', an HF dir, a GGUF file, or a loaded model) into `out`.
@@ -92,7 +114,7 @@ def quantize(
     wbits=3, weak_columns=8, ...). `calibration_ids` (int64 [N]) bypasses the text + tokenizer.
     Returns the checkpoint dir. Raises FileExistsError if `out` exists and not `overwrite`.
     """
-    settings = _settings(settings, fields)
+    settings = _settings(settings, fields, plan)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output path {out} exists (use --overwrite to replace it)")
@@ -103,6 +125,8 @@ def quantize(
     round_unquantized(lm)
     shapes = layer_shapes(lm, family)
     check_groups(shapes, settings.groupsize)
+    if plan is not None:  # PlanError (one line) before any calibration work
+        plan.check_fits({s.name: (s.in_features, s.out_features) for s in shapes})
     seconds["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     with torch.inference_mode():
@@ -112,15 +136,15 @@ def quantize(
         whole = None
         if settings.budget == "whole":
             whole = whole_plan(lm, family, shapes, settings, windows, progress)
-            ks = whole.ks
+            weak = WeakColumnChoice(whole.ks)
         else:
-            ks = weak_column_plan(lm, family, settings, windows, progress)
+            weak = _weak_columns(lm, family, settings, windows, plan, progress)
         seconds["plan"] = time.perf_counter() - t
         t = time.perf_counter()
         inputs = None
         if windows is not None:
             inputs = capture_block_inputs(lm, family, windows, settings.batch_size)
-        records = quantize_blocks(lm, family, settings, inputs, ks, progress)
+        records = quantize_blocks(lm, family, settings, inputs, weak, progress)
         stats = None
         if settings.head_bits != 16 and inputs is not None:
             fisher = whole.row_fisher if whole is not None else None

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,15 @@ from .layer import LayerResult, gptq_linear, rtn_linear
 from .settings import QuantizeSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeakColumnChoice:
+    """k per layer name; `given`: the weak-column indices (int64 [k], sorted) of every layer when
+    a plan gives them, else empty (the k most sensitive columns are selected per layer)."""
+
+    counts: dict[str, int]
+    given: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,16 +100,17 @@ def _quantize_group(
     prefix: str,
     names: tuple[str, ...],
     H: torch.Tensor,
-    ks: dict[str, int],
+    weak: WeakColumnChoice,
     settings: QuantizeSettings,
     family: Family,
 ) -> dict[str, LayerResult]:
     results = {}
     for name in names:
         module = block.get_submodule(name)
-        k = ks.get(f"{prefix}.{name}", 0)
+        full = f"{prefix}.{name}"
+        k = weak.counts.get(full, 0)
         with single_thread():
-            res = gptq_linear(linear_weight(module), H, k, settings)
+            res = gptq_linear(linear_weight(module), H, k, settings, weak.given.get(full))
         set_weight(module, res.weight_hat, family.conv1d)
         results[name] = res
         log.debug("%s.%s k=%d rel_error=%.3e", prefix, name, k, res.rel_error)
@@ -139,16 +149,16 @@ def _hessians_float_pass(
     return [acc.hessian() for acc in accs]
 
 
-def _quantize_block_parallel(block, prefix, inputs, ks, settings, family) -> dict:
+def _quantize_block_parallel(block, prefix, inputs, weak, settings, family) -> dict:
     Hs = _hessians_float_pass(block, inputs, family, settings.batch_size)
     results = {}
     for names, H in zip(family.groups, Hs, strict=True):
-        results |= _quantize_group(block, prefix, names, H, ks, settings, family)
+        results |= _quantize_group(block, prefix, names, H, weak, settings, family)
     inputs.hidden = run_block_batched(block, inputs, settings.batch_size)
     return results
 
 
-def _quantize_block_sequential(block, prefix, inputs, ks, settings, family) -> dict:
+def _quantize_block_sequential(block, prefix, inputs, weak, settings, family) -> dict:
     """True-sequential in one forward over all windows: each group is quantized when reached."""
     results: dict[str, LayerResult] = {}
     done = [False] * len(family.groups)
@@ -161,7 +171,7 @@ def _quantize_block_sequential(block, prefix, inputs, ks, settings, family) -> d
                 acc.add(args[0])
                 group = family.groups[g]
                 results.update(
-                    _quantize_group(block, prefix, group, acc.hessian(), ks, settings, family)
+                    _quantize_group(block, prefix, group, acc.hessian(), weak, settings, family)
                 )
                 done[g] = True
 
@@ -184,7 +194,7 @@ def quantize_blocks(
     family: Family,
     settings: QuantizeSettings,
     inputs: BlockInputs | None,
-    ks: dict[str, int],
+    weak: WeakColumnChoice,
     progress: bool = True,
     on_block: Callable[[int], None] | None = None,
 ) -> list[LayerRecord]:
@@ -203,9 +213,9 @@ def quantize_blocks(
                 for n in family.linears
             }
         elif settings.true_sequential:
-            results = _quantize_block_sequential(block, prefix, inputs, ks, settings, family)
+            results = _quantize_block_sequential(block, prefix, inputs, weak, settings, family)
         else:
-            results = _quantize_block_parallel(block, prefix, inputs, ks, settings, family)
+            results = _quantize_block_parallel(block, prefix, inputs, weak, settings, family)
         for name in family.linears:
             _swap_in(block, name, results[name], settings)
             records.append(_record(prefix, name, results[name]))

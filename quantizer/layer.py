@@ -79,15 +79,25 @@ def rtn_linear(weight: torch.Tensor, settings: QuantizeSettings) -> LayerResult:
 
 
 def gptq_linear(
-    weight: torch.Tensor, H: torch.Tensor, k: int, settings: QuantizeSettings
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    k: int,
+    settings: QuantizeSettings,
+    weak_idx: torch.Tensor | None = None,
 ) -> LayerResult:
-    """GPTQ (k = 0) or OWQ (k weak columns) on weight [out, in] with H [in, in]."""
+    """GPTQ (k = 0) or OWQ (k weak columns) on weight [out, in] with H [in, in].
+
+    `weak_idx` (int64 [k], sorted): these weak columns instead of the k most sensitive ones (a
+    weak-column plan), so that every base quantized with one plan shares its adapters.
+    """
     start = time.perf_counter()
     W = weight.to(torch.float32)
     bits, gs, sym, search = settings.wbits, settings.groupsize, settings.sym, bool(settings.search)
     lam = torch.diag(H).clone()
     weak = torch.empty(0, dtype=torch.long)
-    if k > 0:
+    if weak_idx is not None:
+        weak = weak_idx.to(torch.long)
+    elif k > 0:
         sens = column_sensitivity(W, lam, bits, gs, sym, search)
         weak = select_weak_columns(sens, k)
     W_masked, lam_masked = W.clone(), lam.clone()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -12,6 +13,8 @@ EXAMPLES = """examples:
   owq quantize default ckpt/owq-3.05 --method owq --wbits 3 --target-bits 3.05
   owq quantize default ckpt/owq-k8 --method owq --wbits 3 --weak-columns 8
   owq quantize default ckpt/owq-3.05-global --target-bits 3.05 --allocation global
+  owq quantize default ckpt/owq-3-g128 --groupsize 128 --weak-columns-from ckpt/owq-k8
+  owq quantize default ckpt/owq-3-more --nsamples 256 --weak-columns-from owq-k8.plan.json
   owq quantize default ckpt/gptq-3 --method gptq --wbits 3
   owq quantize default ckpt/gptq-3-ao-ts --method gptq --wbits 3 --act-order --true-sequential
   owq quantize default ckpt/gptq-3-search --method gptq --wbits 3 --search
@@ -46,10 +49,17 @@ def add_parser(sub) -> None:
     )
     k.add_argument("--weak-columns", type=int, default=None, help="OWQ: fixed k per layer")
     p.add_argument(
+        "--weak-columns-from",
+        metavar="CKPT|PLAN.json",
+        default=None,
+        help="OWQ: the weak columns of every layer from another checkpoint or a plan file "
+        "(`owq plan export`), so adapters tuned on that base fit this one",
+    )
+    p.add_argument(
         "--allocation",
         choices=("uniform", "global"),
-        default="uniform",
-        help="uniform: paper Appendix D.2; global: one sensitivity ranking across layers",
+        default=None,
+        help="uniform (default): paper Appendix D.2; global: one sensitivity ranking across layers",
     )
     p.add_argument(
         "--budget",
@@ -136,7 +146,7 @@ def settings_from_args(args):
         wbits=args.wbits,
         target_bits=args.target_bits,
         weak_columns=args.weak_columns,
-        allocation=args.allocation,
+        allocation=args.allocation or "uniform",
         budget=args.budget,
         groupsize=args.groupsize,
         act_order=args.act_order,
@@ -171,9 +181,24 @@ def _check_paths(args) -> None:
         raise FileNotFoundError(f"calibration text {args.calib} does not exist")
 
 
+def _plan(args):
+    """The weak-column plan of --weak-columns-from, or None; refuses the options it replaces."""
+    if args.weak_columns_from is None:
+        return None
+    if args.allocation is not None:
+        raise ValueError("--weak-columns-from gives k per layer: drop --allocation")
+    from owq.kernels.plan import read_plan
+
+    return read_plan(args.weak_columns_from)
+
+
 def run(args) -> int:
-    settings = settings_from_args(args).resolved()  # ValueError: one line, exit 2
+    settings = settings_from_args(args)
+    if args.weak_columns_from is not None:
+        settings = replace(settings, allocation="plan")
+    settings = settings.resolved()  # ValueError: one line, exit 2
     _check_paths(args)
+    plan = _plan(args)
     from transformers.utils import logging as hf_logging
 
     from owq.quantizer.api import quantize, read_report
@@ -182,7 +207,7 @@ def run(args) -> int:
     from owq.quantizer.report import summary_table
 
     out = quantize(
-        args.model, args.out, settings, overwrite=args.overwrite, progress=not args.quiet
+        args.model, args.out, settings, overwrite=args.overwrite, progress=not args.quiet, plan=plan
     )
     report = read_report(out)
     print(summary_table(report))

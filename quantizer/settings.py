@@ -12,7 +12,7 @@ from owq.kernels.packing import SUPPORTED_BITS as WBITS
 from owq.kernels.packing import SUPPORTED_GROUP_SIZES as GROUP_SIZES
 
 METHODS = ("rtn", "gptq", "owq")
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "plan")  # plan: k and columns given (`kernels.plan`)
 HEAD_BITS = (16, *WBITS)  # 16: the vocabulary table stays fp16
 BUDGETS = ("linear", "whole")
 PROTECT_BY = ("error", "frequency")
@@ -27,7 +27,7 @@ class QuantizeSettings:
     wbits: int = 3
     target_bits: float | None = None  # OWQ: average bits incl. fp16 weak columns (paper's t)
     weak_columns: int | None = None  # OWQ: fixed k per layer (instead of target_bits)
-    allocation: str = "uniform"  # uniform (Appendix D.2) | global (sensitivity-ranked)
+    allocation: str = "uniform"  # uniform (Appendix D.2) | global (sensitivity-ranked) | plan
     budget: str = "linear"  # target_bits of the linears (paper) | of the whole file (true bits)
     groupsize: int = -1
     act_order: bool = False
@@ -58,7 +58,7 @@ class QuantizeSettings:
             raise ValueError(
                 "--budget whole needs --target-bits (true bits per weight, whole file)"
             )
-        if self.method == "owq" and target is None and k is None:
+        if self.method == "owq" and target is None and k is None and self.allocation != "plan":
             target = self.wbits + DEFAULT_OWQ_EXTRA_BITS
         return replace(
             self, search=search, true_sequential=sequential, target_bits=target, weak_columns=k
@@ -82,6 +82,8 @@ class QuantizeSettings:
             raise ValueError(f"--budget must be one of {BUDGETS}, got {self.budget!r}")
         if self.budget == "whole" and (self.method != "owq" or self.weak_columns is not None):
             raise ValueError("--budget whole needs --method owq with --target-bits")
+        if self.allocation == "plan":
+            self._validate_plan(wants_weak)
         if self.budget == "whole" and self.target_bits is not None:
             if not 0 < self.target_bits < 16:
                 raise ValueError(f"--target-bits {self.target_bits} must lie in (0, 16)")
@@ -119,6 +121,14 @@ class QuantizeSettings:
     def for_head(self) -> QuantizeSettings:
         """The settings the head is quantized with: its own bits and group size, GPTQ order."""
         return replace(self, wbits=self.head_bits, groupsize=self.head_groupsize, act_order=False)
+
+    def _validate_plan(self, wants_weak: bool) -> None:
+        if self.method != "owq":
+            raise ValueError("--weak-columns-from needs --method owq")
+        if wants_weak or self.budget == "whole":
+            raise ValueError(
+                "--weak-columns-from gives k per layer: drop --target-bits/--weak-columns/--budget"
+            )
 
     @property
     def needs_calibration(self) -> bool:

@@ -1,4 +1,4 @@
-"""The weak-column plan: k for every quantized linear, before the block-by-block pass starts.
+"""How many weak columns k every quantized linear keeps, decided before the block-by-block pass.
 
 `uniform` needs only the layer shapes (Appendix D.2). `global` needs sensitivities of every column
 of every layer, in one unit, before the first layer is quantized, so it makes one first pass: the
@@ -6,8 +6,9 @@ of every layer, in one unit, before the first layer is quantized, so it makes on
 GLOBAL_WINDOWS), collecting λ = diag(H) and the Fisher of each output channel per linear
 (`fisher.py`); then sensitivity_j = λ_j·Σ_o f_o ΔW_oj² with each layer's own grid on its float
 weights. In the real pass layers after block 0 see inputs of the quantized model, so only the
-*count* k per layer comes from this pass; the columns themselves are re-chosen with the real H.
-Knows the `Family` table and the maths modules; nothing about files or the CLI.
+*count* k per layer comes from this pass; the columns themselves are re-chosen with the real H
+(or given by a weak-column plan: `kernels.plan`). Knows the `Family` table and the maths modules;
+nothing about files or the CLI.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def layer_shapes(model: nn.Module, family: Family) -> list[LayerShape]:
     return shapes
 
 
-def uniform_plan(shapes: list[LayerShape], settings: QuantizeSettings) -> dict[str, int]:
+def uniform_counts(shapes: list[LayerShape], settings: QuantizeSettings) -> dict[str, int]:
     if settings.method != "owq":
         return {s.name: 0 for s in shapes}
     if settings.weak_columns is not None:
@@ -53,7 +54,7 @@ def uniform_plan(shapes: list[LayerShape], settings: QuantizeSettings) -> dict[s
     return uniform_from_target(shapes, settings.wbits, settings.target_bits)
 
 
-def global_plan(
+def global_counts(
     model: nn.Module,
     family: Family,
     shapes: list[LayerShape],
@@ -63,7 +64,7 @@ def global_plan(
 ) -> dict[str, int]:
     """The uniform plan's fp16 element budget, spent on the columns that move the loss most per
     fp16 element: Fisher-weighted sensitivities of the float model (`fisher.py`)."""
-    budget = fp16_elements(shapes, uniform_plan(shapes, settings))
+    budget = fp16_elements(shapes, uniform_counts(shapes, settings))
     stats = fisher_pass(model, family, windows[:GLOBAL_WINDOWS], progress=progress)
     sensitivity = {}
     with single_thread():
@@ -80,7 +81,7 @@ def global_plan(
     return ks
 
 
-def weak_column_plan(
+def weak_column_counts(
     model: nn.Module,
     family: Family,
     settings: QuantizeSettings,
@@ -89,5 +90,5 @@ def weak_column_plan(
 ) -> dict[str, int]:
     shapes = layer_shapes(model, family)
     if settings.method == "owq" and settings.allocation == "global":
-        return global_plan(model, family, shapes, settings, windows, progress)
-    return uniform_plan(shapes, settings)
+        return global_counts(model, family, shapes, settings, windows, progress)
+    return uniform_counts(shapes, settings)
