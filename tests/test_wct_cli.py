@@ -4,6 +4,7 @@ by line, the adapter round trip, and a mismatched base refused with both fingerp
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -44,7 +45,19 @@ BAD_LINES = [
     ('{"prompt": 3, "completion": "emma"}', '"prompt" must be a string'),
     ('{"question": "x"}', 'needs "text" or "prompt" and "completion"'),
     ('["text"]', "expected a JSON object"),
-    (json.dumps({"text": " ".join(["Anne"] * 80)}), "longer than the context"),
+    (
+        json.dumps({"prompt": " ".join(["Anne"] * 80), "completion": "emma"}),
+        "prompt 80 . completion 2 tokens .with EOS. = 82, longer than the context .--max-len 64.; "
+        "the prompt alone is too long",
+    ),
+    (
+        json.dumps({"prompt": "Anne", "completion": " ".join(["emma"] * 70)}),
+        "the completion alone is too long",
+    ),
+    (
+        json.dumps({"prompt": " ".join(["Anne"] * 40), "completion": " ".join(["emma"] * 30)}),
+        "shorten the prompt .the longer side.",
+    ),
 ]
 
 
@@ -57,6 +70,31 @@ def test_bad_data_names_the_line(checkpoint, tmp_path, line, message):
     with pytest.raises(DataError, match=message) as info:
         load_examples(path, tokenizer, max_len=64)
     assert f"{path}:4:" in str(info.value)
+
+
+def test_a_long_text_record_trains_as_windows(checkpoint, tmp_path, caplog):
+    """2,000 tokens with --max-len 256: 8 windows (7 x 256 + 208), stated in the log."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    words = " ".join(s["prompt"] for s in task_records()).split()
+    text = " ".join((words * 100)[:2000])
+    assert len(tokenizer(text).input_ids) == 2000
+    data = write_records(tmp_path / "book.jsonl", [{"text": text}])
+    out = tmp_path / "book"
+    argv = ["tune", str(checkpoint), str(data), "--out", str(out), "--no-progress"]
+    with caplog.at_level(logging.INFO):
+        assert main([*argv, "--max-len", "256", "--batch-size", "4", "--lr", "1e-2"]) == 0
+    assert "1 text records longer than --max-len 256 split into 8 windows" in caplog.text
+    result = load_adapter(out).config["result"]
+    assert result["steps"] == 2 and result["input_tokens"] == 2000
+    assert result["target_tokens"] == 2000 - 8  # each window's first token is not predicted
+
+
+def test_a_pair_that_does_not_fit_exits_2_with_one_line(checkpoint, tmp_path, capsys):
+    data = write_records(tmp_path / "long.jsonl", [{"prompt": "Anne " * 300, "completion": "x"}])
+    code = main(["tune", str(checkpoint), str(data), "--out", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"{data}:1: prompt 300 + completion" in err[0]
+    assert "the prompt alone is too long" in err[0] and not (tmp_path / "a").exists()
 
 
 def test_bad_data_exits_2_with_one_line(checkpoint, tmp_path, capsys):

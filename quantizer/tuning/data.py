@@ -3,19 +3,25 @@
 A line is `{"prompt": str, "completion": str}` (loss on the completion tokens and EOS only) or
 `{"text": str}` (loss on every predicted token). The prompt is tokenized as the tokenizer does by
 default (BOS if it adds one), the completion on its own with no special tokens plus EOS, so a
-generation that starts from the prompt's ids reproduces the trained completion ids. Every problem
-raises `DataError` (a ValueError) naming the file and line. Knows tokenizers, not models.
+generation that starts from the prompt's ids reproduces the trained completion ids. A text record
+longer than the context is split into consecutive windows of `max_len` tokens (users bring
+documents, not pre-cut windows); a prompt/completion pair that does not fit is refused, naming the
+side that is too long. Every problem raises `DataError` (a ValueError) naming the file and line.
+Knows tokenizers, not models.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -103,20 +109,54 @@ def encode_record(record: dict, tokenizer) -> Example:
     return Example(tuple(ids), tuple([IGNORE] * len(prompt) + completion))
 
 
+def text_windows(example: Example, max_len: int) -> list[Example]:
+    """Consecutive, non-overlapping windows of `max_len` tokens (the last may be shorter); a
+    window of one token (nothing to predict) is dropped."""
+    ids = example.input_ids
+    windows = (ids[start : start + max_len] for start in range(0, len(ids), max_len))
+    return [Example(w, w) for w in windows if len(w) > 1]
+
+
+def pair_too_long(where: str, example: Example, max_len: int) -> DataError:
+    """The refusal of a prompt/completion pair longer than `max_len`, naming the side to cut."""
+    prompt = sum(label == IGNORE for label in example.labels)
+    completion = len(example.labels) - prompt
+    sides = [n for n, size in (("prompt", prompt), ("completion", completion)) if size >= max_len]
+    if sides:
+        what = f"the {' and the '.join(sides)} alone {'is' if len(sides) == 1 else 'are'} too long"
+    else:
+        what = f"shorten the {'prompt' if prompt >= completion else 'completion'} (the longer side)"
+    return DataError(
+        f"{where}: prompt {prompt} + completion {completion} tokens (with EOS) = "
+        f"{prompt + completion}, longer than the context (--max-len {max_len}); {what}, "
+        "or raise --max-len"
+    )
+
+
 def load_examples(path: str | Path, tokenizer, max_len: int) -> list[Example]:
-    """Read, check and tokenize a jsonl file; DataError naming the first bad line."""
-    examples = []
+    """Read, check and tokenize a jsonl file (text records split into windows); DataError
+    naming the first bad line."""
+    examples, split = [], []
     for number, record in read_records(path):
         example = encode_record(record, tokenizer)
         where = f"{path}:{number}"
         if len(example.input_ids) > max_len:
-            raise DataError(
-                f"{where}: {len(example.input_ids)} tokens, longer than the context "
-                f"(--max-len {max_len}); split the line or raise --max-len"
-            )
+            if "text" not in record:
+                raise pair_too_long(where, example, max_len)
+            windows = text_windows(example, max_len)
+            split.append((number, len(windows)))
+            examples.extend(windows)
+            continue
         if example.target_tokens == 0:
             raise DataError(f"{where}: no token to learn from (text of one token?)")
         examples.append(example)
+    if split:
+        lines = ", ".join(f"{n} ({w})" for n, w in split[:5]) + (", ..." if len(split) > 5 else "")
+        log.info(
+            "%s: %d text records longer than --max-len %d split into %d windows of up to %d "
+            "tokens (line (windows): %s)",
+            path, len(split), max_len, sum(w for _, w in split), max_len, lines,
+        )  # fmt: skip
     return examples
 
 
