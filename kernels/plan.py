@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -214,12 +213,11 @@ def write_plan(plan: WeakColumnPlan, path: str | os.PathLike) -> Path:
         f'{{"format": "{PLAN_FORMAT}", "version": {PLAN_VERSION}, '
         f'"fingerprint": "{plan.fingerprint}", "layers": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened as usual: umask modes
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

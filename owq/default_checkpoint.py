@@ -1,10 +1,12 @@
 """The built-in default checkpoint: the default model quantized once (OWQ 3-bit, k = 8) and cached.
 
 `owq serve` with no CKPT calls `default_checkpoint()`: it returns the cached checkpoint dir,
-quantizing the default model into it first if it is not there (deterministic: fixed settings and
-seed). This glue lives in the common `owq` package because the server must not import the
-quantizer; it names the quantizer API `owq.quantizer.api.quantize` and imports it only when a
-checkpoint has to be made.
+quantizing the default model into it first if it is not there, or is damaged (truncated, checksum
+mismatch) or was made with other weak columns. The weak columns come from the committed plan
+(`owq/builtin/default_plan.json`), so the default's fingerprint, and with it the fit of the
+shipped adapters, is the same on every machine and owq version. This glue lives in the common
+`owq` package because the server must not import the quantizer; it names the quantizer API
+`owq.quantizer.api.quantize` and imports it only when a checkpoint has to be made.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "default-owq3-k8"
-# The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields).
-DEFAULT_SETTINGS = {"method": "owq", "wbits": 3, "weak_columns": 8, "groupsize": -1, "seed": 0}
+# The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields); the
+# weak columns (k = 8 per layer) come from the built-in plan.
+DEFAULT_SETTINGS = {"method": "owq", "wbits": 3, "groupsize": -1, "seed": 0}
+# Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
+FIRST_RUN_MINUTES_2_CORES = 11
 
 
 def cache_dir() -> Path:
@@ -46,26 +51,65 @@ def _lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def default_checkpoint() -> Path:
-    """The cached default checkpoint dir, made on first use (minutes on 2 CPU cores)."""
-    from owq.kernels.checkpoint import is_checkpoint
+def default_plan():
+    """The committed weak-column plan of the default checkpoint (`kernels.plan.WeakColumnPlan`)."""
+    from owq.builtin.model import default_plan_path
+    from owq.kernels.plan import read_plan_file
 
+    return read_plan_file(default_plan_path())
+
+
+def checkpoint_problem(path: Path, fingerprint: str | None = None) -> str | None:
+    """Why the checkpoint dir `path` cannot be used (missing, damaged, another plan), or None.
+
+    Verifies the weights against the checksum in config.json; `fingerprint`: the base
+    fingerprint it must have."""
+    from owq.kernels.checkpoint import WEIGHTS_NAME, CheckpointError, file_sha256, read_quant_config
+    from owq.kernels.plan import plan_of_checkpoint
+
+    if not path.exists():
+        return "missing"
+    try:
+        expected = read_quant_config(path).get("model_sha256")
+        weights = path / WEIGHTS_NAME
+        if not weights.is_file():
+            return f"incomplete ({WEIGHTS_NAME} is missing)"
+        if expected and file_sha256(weights) != expected:
+            return f"damaged ({WEIGHTS_NAME} does not match its checksum: truncated or modified)"
+        theirs = plan_of_checkpoint(path).fingerprint
+    except CheckpointError as e:
+        return f"unreadable ({e})"
+    if fingerprint is not None and theirs != fingerprint:
+        return f"made with other weak columns (base {theirs}, the built-in plan is {fingerprint})"
+    return None
+
+
+def default_checkpoint() -> Path:
+    """The cached default checkpoint dir, made (again) when it is missing, damaged or stale."""
     out = default_checkpoint_path()
-    if is_checkpoint(out):
+    plan = default_plan()
+    if checkpoint_problem(out, plan.fingerprint) is None:
         return out
     with _lock(out.with_name(out.name + ".lock")):
-        if is_checkpoint(out):  # made by another process while we waited
+        problem = checkpoint_problem(out, plan.fingerprint)  # another process may have made it
+        if problem is None:
             return out
-        log.info("quantizing the default model once into %s (OWQ 3-bit, k = 8)", out)
-        _quantize_default(out)
+        if problem != "missing":
+            log.warning("the cached default %s is %s: quantizing it again", out, problem)
+        log.info(
+            "quantizing the default model once into %s (OWQ 3-bit, k = 8 from the built-in plan "
+            "%s): about %d minutes on 2 CPU cores (this machine has %d); progress below",
+            out, plan.fingerprint, FIRST_RUN_MINUTES_2_CORES, os.cpu_count() or 1,
+        )  # fmt: skip
+        _quantize_default(out, plan)
     return out
 
 
-def _quantize_default(out: Path) -> None:
+def _quantize_default(out: Path, plan) -> None:
     from owq.quantizer.api import quantize
     from owq.quantizer.settings import QuantizeSettings
 
-    quantize("default", out, QuantizeSettings(**DEFAULT_SETTINGS), overwrite=True)
+    quantize("default", out, QuantizeSettings(**DEFAULT_SETTINGS), plan=plan, overwrite=True)
 
 
 def default_adapters_dir() -> Path | None:

