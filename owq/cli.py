@@ -19,6 +19,7 @@ COMMANDS = (
     "owq.quantizer.adapters_cli",
     "owq.quantizer.plan_cli",
     "owq.server.cli",
+    "owq.doctor",
 )
 
 EXAMPLES = """examples:
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   owq adapters inspect adapters/task     # size, task, base fingerprint, training settings
   owq plan export ckpt/owq-3 plan.json   # weak columns per layer, for --weak-columns-from
   owq serve ckpt/owq-3 --adapters adapters/   # OpenAI-compatible server on 127.0.0.1:8000
+  owq doctor                             # check this install (what a bug report needs)
   owq <command> --help                   # examples for each command
 """
 
