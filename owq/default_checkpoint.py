@@ -24,7 +24,7 @@ CHECKPOINT_NAME = "default-owq3-k8"
 # weak columns (k = 8 per layer) come from the built-in plan.
 DEFAULT_SETTINGS = {"method": "owq", "wbits": 3, "groupsize": -1, "seed": 0}
 # Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
-FIRST_RUN_MINUTES_2_CORES = 11
+FIRST_RUN_MINUTES_2_CORES = 16
 
 
 def cache_dir() -> Path:
