@@ -232,7 +232,7 @@ def smoke(checkpoint: Path) -> Finding:
     text = tokenizer.decode(new, skip_special_tokens=True)
     detail = (
         f"{checkpoint.name}: {new.numel()} tokens in {seconds:.2f} s "
-        f"({new.numel() / seconds:.1f} tokens/s): {text!r}"
+        f"({new.numel() / seconds:.1f} tokens/s, transformers generate): {text!r}"
     )
     return Finding("smoke", "ok" if new.numel() == SMOKE_TOKENS else "FAIL", detail)
 
