@@ -54,6 +54,7 @@ class CpuPlan:
     dtype: torch.dtype
     weight: torch.Tensor | None  # [out, in] resident dense copy in `dtype`, or None
     int4: Int4Weight | None = None
+    idx: torch.Tensor | None = None  # long [k]: the weak-column indices, converted once
 
 
 def layer_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,16 +99,20 @@ def int4_weight(packed: PackedWeight, group: int) -> Int4Weight | None:
 
 
 def plan(
-    packed: PackedWeight, dtype: torch.dtype, int4: bool = False, resident: bool = True
+    packed: PackedWeight,
+    dtype: torch.dtype,
+    int4: bool = False,
+    resident: bool = True,
+    idx: torch.Tensor | None = None,
 ) -> CpuPlan:
     """The layer's CPU plan: the 4-bit operands when `int4` and the layer qualifies (float32
     compute only), a resident dense copy [out, in] when `resident` or when there is no 4-bit
-    form (decode would otherwise dequantize every step)."""
+    form (decode would otherwise dequantize every step), the weak indices `idx` as long."""
     group = int4_group(packed) if int4 and dtype == torch.float32 else 0
     fast = int4_weight(packed, group) if group else None
     keep = resident or fast is None
     weight = packed.dequantize(dtype).t().contiguous() if keep else None
-    return CpuPlan(dtype, weight, fast)
+    return CpuPlan(dtype, weight, fast, None if idx is None else idx.to(torch.long))
 
 
 def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
@@ -173,6 +178,8 @@ def linear(
         y.add_(bias.to(x.dtype))
     if weak.k == 0:
         return y
+    if p.idx is not None:
+        weak = WeakColumns(p.idx, weak.table)
     if slots is None:  # every row on the base's columns: one gather and one fused GEMM
         table = weak.table[0] if weak.table.dtype == x.dtype else weak.table[0].to(x.dtype)
         xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))

@@ -288,7 +288,7 @@ class OWQLinear(nn.Module):
     ) -> cpu_ops.CpuPlan:
         """Build (or rebuild) the CPU plan for `dtype`: `int4` adds the 4-bit decode kernel,
         `resident` keeps a dequantized dense copy (else prefill dequantizes per call)."""
-        self.cpu = cpu_ops.plan(self.packed, dtype, int4, resident)
+        self.cpu = cpu_ops.plan(self.packed, dtype, int4, resident, self.outlier_idx)
         return self.cpu
 
     def release(self) -> None:

@@ -85,8 +85,10 @@ class OWQVocab(OWQLinear):
     def forward(
         self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False
     ) -> torch.Tensor:
-        """Logits x [..., D] -> [..., V] in x's dtype (slots: the head takes no adapters)."""
-        y = super().forward(x, None, decode)
+        """Logits x [..., D] -> [..., V] in x's dtype (slots: the head takes no adapters). Every
+        step may take the fast kernel of the layer's plan, prefill too: the head's logits are
+        wanted for a row or few, and a dense copy of the whole table would cost more than them."""
+        y = super().forward(x, None, True)
         if self.num_protected:
             y[..., self.protected_idx.long()] = x @ self.protected_weight.to(x.dtype).t()
         return y

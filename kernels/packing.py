@@ -82,19 +82,29 @@ def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """words: int32 [R * bits / 32, C] -> int64 codes [R, C]."""
+def _unpack_plan(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For input j of a 32-block: (its word, the next word, its shift) as index tensors."""
+    offsets = torch.arange(BLOCK, device=device) * bits
+    word, shift = offsets // 32, offsets % 32
+    return word, (word + 1).clamp(max=bits - 1), shift
+
+
+def _unpack_rows(words: torch.Tensor, bits: int, chunk: int = 4096) -> torch.Tensor:
+    """words: int32 [R * bits / 32, C] -> int64 codes [R, C], in a handful of ops per chunk of
+    columns: code_j = ((w[word_j] >> shift_j) | (w[word_j + 1] << (32 - shift_j))) & mask (the
+    high part is masked away unless the code straddles two words)."""
     nwords, cols = words.shape
     mask = (1 << bits) - 1
-    w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(nwords // bits, bits, cols)
-    codes = torch.empty(nwords // bits, BLOCK, cols, dtype=torch.int64, device=words.device)
-    for j in range(BLOCK):
-        word, shift = divmod(j * bits, 32)
-        value = w[:, word] >> shift
-        if shift + bits > 32:
-            value = value | (w[:, word + 1] << (32 - shift))
-        codes[:, j] = value & mask
-    return codes.reshape(nwords // bits * BLOCK, cols)
+    word, nxt, shift = _unpack_plan(bits, words.device)
+    shift = shift[None, :, None]
+    out = torch.empty(nwords // bits, BLOCK, cols, dtype=torch.int64, device=words.device)
+    for start in range(0, cols, chunk):
+        w = (words[:, start : start + chunk].to(torch.int64) & 0xFFFFFFFF).reshape(
+            nwords // bits, bits, -1
+        )
+        lo, hi = w[:, word] >> shift, w[:, nxt] << (32 - shift)
+        out[:, :, start : start + chunk] = (lo | hi) & mask
+    return out.reshape(nwords // bits * BLOCK, cols)
 
 
 def _check_codes(codes: torch.Tensor, bits: int, what: str) -> None:

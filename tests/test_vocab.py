@@ -58,7 +58,9 @@ def test_decode_on_the_4bit_kernel_stays_close_to_the_table():
     assert layer.cpu.int4 is not None and layer.cpu.weight is None  # low-bit bytes only
     fast = layer(x, None, decode=True)
     assert 0 < float((fast - exact).abs().max()) <= 2e-2 * float(exact.abs().max())
-    torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-4)  # not a decode step
+    torch.testing.assert_close(layer(x), fast, rtol=0, atol=0)  # the head: prefill too
+    layer.prepare(torch.float32, int4=False)
+    torch.testing.assert_close(layer(x), exact, rtol=1e-5, atol=1e-4)  # offline: the fp32 table
 
 
 def _quantized(kind, tmp_path, **head):
