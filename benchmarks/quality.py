@@ -43,6 +43,18 @@ EXAMPLES = """examples:
 """
 
 
+def add_protocol_args(p: argparse.ArgumentParser, json_path: Path) -> None:
+    """The calibration and evaluation protocol, work dir and JSON output (shared by the
+    benchmarks that build on these checkpoints)."""
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=64, help="Persuasion windows to score")
+    p.add_argument("--work-dir", type=Path, default=Path("benchmarks/work"))
+    p.add_argument("--json", type=Path, default=json_path)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__,
@@ -50,13 +62,7 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=64, help="Persuasion windows to score")
-    p.add_argument("--work-dir", type=Path, default=Path("benchmarks/work"))
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/quality.json"))
+    add_protocol_args(p, Path("benchmarks/results/quality.json"))
     p.add_argument("--list", action="store_true", help="print the configurations and exit")
     return p.parse_args(argv)
 

@@ -15,6 +15,8 @@ from torch import nn
 from owq.kernels import OWQLinear
 from owq.kernels.owq_vocab import OWQEmbedding
 
+from .kv_cache import CacheShape
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., D]; normalised in fp32 like LlamaRMSNorm, weight applied in x's dtype (fp32: the
@@ -107,3 +109,21 @@ def prepare_layers(
         looked_up = isinstance(layer, OWQEmbedding)  # rows are gathered, never multiplied
         if isinstance(layer, OWQLinear) and not looked_up and not layer.qweight.is_cuda:
             layer.prepare(dtype, int4, resident)
+
+
+class Runtime(nn.Module):
+    """What every model runtime shares: its vocabulary, its layers' CPU plans and its KV cache
+    shape. Subclasses set `vocab` (`vocab.Vocab`), `max_context`, and `cache_dims()` ->
+    (layers, kv_heads, head_dim)."""
+
+    def prepare(self, packed: bool = True, resident: bool = False) -> None:
+        """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
+        kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
+        prepare_layers(self, self.vocab.dtype, packed, resident)
+
+    def cache_shape(self, rows: int) -> CacheShape:
+        layers, kv_heads, head_dim = self.cache_dims()
+        return CacheShape(
+            layers, rows, kv_heads, self.max_context, head_dim, self.vocab.dtype,
+            str(self.vocab.device),
+        )  # fmt: skip

@@ -15,11 +15,11 @@ from torch import nn
 
 from owq.kernels.families import Family
 
-from .kv_cache import CacheShape, KVCache, StepIndex, attention, group_mask
+from .kv_cache import KVCache, StepIndex, attention, group_mask
 from .layers import (
+    Runtime,
     activation,
     apply_rope,
-    prepare_layers,
     rms_norm,
     rope_inv_freq,
     rope_tables,
@@ -95,7 +95,7 @@ class LlamaBlock(nn.Module):
         return x + self.down(self.act(gate) * up, slots, step.decode)
 
 
-class LlamaRuntime(nn.Module):
+class LlamaRuntime(Runtime):
     """forward(tokens [B, T], step, cache, slots [B] | None, logits) -> logits or None."""
 
     def __init__(self, config, family: Family, w: Weights, max_context: int):
@@ -111,17 +111,9 @@ class LlamaRuntime(nn.Module):
         self.sin = sin.to(self.vocab.device, self.vocab.dtype)
         self.max_context = max_context
 
-    def prepare(self, packed: bool = True, resident: bool = False) -> None:
-        """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
-        kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
-        prepare_layers(self, self.vocab.dtype, packed, resident)
-
-    def cache_shape(self, rows: int) -> CacheShape:
+    def cache_dims(self) -> tuple[int, int, int]:
         a = self.args
-        return CacheShape(
-            a.layers, rows, a.kv_heads, self.max_context, a.head_dim, self.vocab.dtype,
-            str(self.vocab.device),
-        )  # fmt: skip
+        return a.layers, a.kv_heads, a.head_dim
 
     def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
         x = self.vocab.embed(tokens)  # [B, T, E]

@@ -18,8 +18,8 @@ from torch import nn
 
 from owq.kernels.families import Family
 
-from .kv_cache import CacheShape, KVCache, StepIndex, attention
-from .layers import activation, layer_norm, prepare_layers
+from .kv_cache import KVCache, StepIndex, attention
+from .layers import Runtime, activation, layer_norm
 from .vocab import Vocab
 from .weights import Weights
 
@@ -92,7 +92,7 @@ class NormMLPBlock(nn.Module):
         return x if a.pre_norm else layer_norm(x, *self.norm2, a.eps)
 
 
-class NormMLPRuntime(nn.Module):
+class NormMLPRuntime(Runtime):
     """forward(tokens [B, T], step, cache, slots [B] | None, logits) -> logits or None."""
 
     def __init__(self, config, family: Family, w: Weights, max_context: int):
@@ -115,17 +115,8 @@ class NormMLPRuntime(nn.Module):
     def _optional(w: Weights, path: str | None) -> torch.Tensor | None:
         return None if path is None else w.optional(f"{path}.weight")
 
-    def prepare(self, packed: bool = True, resident: bool = False) -> None:
-        """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
-        kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
-        prepare_layers(self, self.vocab.dtype, packed, resident)
-
-    def cache_shape(self, rows: int) -> CacheShape:
-        a = self.args
-        return CacheShape(
-            len(self.blocks), rows, a.heads, self.max_context, a.head_dim, self.vocab.dtype,
-            str(self.vocab.device),
-        )  # fmt: skip
+    def cache_dims(self) -> tuple[int, int, int]:
+        return len(self.blocks), self.args.heads, self.args.head_dim
 
     def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
         x = self.vocab.embed(tokens)  # [B, T, E_in]
