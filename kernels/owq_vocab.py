@@ -88,7 +88,11 @@ class OWQVocab(OWQLinear):
         """Logits x [..., D] -> [..., V] in x's dtype (slots: the head takes no adapters). Every
         step may take the fast kernel of the layer's plan, prefill too: the head's logits are
         wanted for a row or few, and a dense copy of the whole table would cost more than them."""
-        y = super().forward(x, None, True)
+        return self.protected_product(x, super().forward(x, None, True))
+
+    def protected_product(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [..., V] from the layer's kernels, with the protected rows' logits set from their
+        fp16 rows (the kernels give 0 there): x [..., D]. In place; returns y."""
         if self.num_protected:
             y[..., self.protected_idx.long()] = x @ self.protected_weight.to(x.dtype).t()
         return y

@@ -155,6 +155,25 @@ def test_bfloat16_activations_beyond_float16_range(bits, shape, m):
     assert_close(y, exact(x, layer, slots), shape[0], torch.bfloat16)
 
 
+# the quantized vocabulary table (LM head): the same kernels, plus the protected rows -------
+HEAD_CASES = [(vocab, bits, m) for vocab in (2048, 1030) for bits in (3, 4) for m in (1, 4, 40)]
+
+
+@pytest.mark.parametrize("vocab,bits,m", HEAD_CASES, ids=str)
+def test_quantized_head_logits_match_its_table(vocab, bits, m):
+    from owq.kernels.owq_vocab import OWQVocab
+
+    gen = torch.Generator().manual_seed(vocab + m)
+    table = torch.randn(vocab, 576, generator=gen) * 0.05
+    weak, protected = torch.tensor([3, 100, 501]), torch.tensor([0, 7, vocab - 1])
+    head = OWQVocab.from_float_rows(table, bits, 32, weak, protected)
+    x = make_x(m, 576, seed=m)
+    y = head.protected_product(x, run("owq_matmul", head, x, bias=False))
+    reference = x.float() @ head.dense_table().t()
+    assert_close(y, reference, 576)
+    assert torch.equal(y[:, protected], (x @ head.protected_weight.t()))  # fp16, as on a GPU
+
+
 # misaligned views take the scalar ('any') kernels and stay right ---------------------------
 def misaligned(b: EmulatedBackend, t: torch.Tensor) -> torch.Tensor:
     """The same values one element off the usual alignment, ending at a guard page."""
