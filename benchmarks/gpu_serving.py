@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from serving import (
+from serving_clients import (
     START_TIMEOUT_S,
     Scenario,
     body,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_fixtures import build_tiny_server_assets
-from serving import start_server, stop
+from serving_clients import start_server, stop
 
 pytestmark = pytest.mark.cuda
 NEAR_TIE = 0.05  # logprob margin under which greedy choices may differ between fp16 and fp32
@@ -93,7 +93,7 @@ def test_tiny_checkpoint_cuda_server_matches_cpu_server(tmp_path):
 @pytest.mark.slow
 def test_default_checkpoint_cuda_server_matches_cpu_server(tmp_path):
     """The built-in default (quantized once into $OWQ_CACHE) with three random adapters."""
-    from serving import make_adapters
+    from serving_clients import make_adapters
 
     from owq.default_checkpoint import default_checkpoint
 
