@@ -1,4 +1,5 @@
-"""The built-in default checkpoint: the default model quantized once (OWQ 3-bit, k = 8) and cached.
+"""The built-in default checkpoint: the default model quantized once (OWQ 3-bit, k = 8, 4-bit
+vocabulary table) and cached.
 
 `owq serve` with no CKPT calls `default_checkpoint()`: it returns the cached checkpoint dir,
 quantizing the default model into it first if it is not there, or is damaged (truncated, checksum
@@ -19,10 +20,23 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "default-owq3-k8"
-# The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields); the
-# weak columns (k = 8 per layer) come from the built-in plan.
-DEFAULT_SETTINGS = {"method": "owq", "wbits": 3, "groupsize": -1, "seed": 0}
+CHECKPOINT_NAME = "default-owq3-k8-h4"
+# The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields): the
+# linears at 3 bits with the weak columns (k = 8 per layer) of the built-in plan, the tied
+# vocabulary table at 4 bits in groups of 32 with its 1% most frequent tokens' rows in fp16
+# (BENCHMARKS.md, whole-model low bits: within 3% of the fp16 table, 0.6x the GGUF's bytes).
+DEFAULT_SETTINGS = {
+    "method": "owq",
+    "wbits": 3,
+    "groupsize": -1,
+    "seed": 0,
+    "head_bits": 4,
+    "head_groupsize": 32,
+    "head_protect": 0.01,
+    "head_protect_by": "frequency",
+}
+# quantization_config entries a cached default must carry to be this default
+RECORDED = {"head_bits": 4, "head_group_size": 32, "head_protect": 0.01}
 # Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
 FIRST_RUN_MINUTES_2_CORES = 16
 
@@ -70,7 +84,8 @@ def checkpoint_problem(path: Path, fingerprint: str | None = None) -> str | None
     if not path.exists():
         return "missing"
     try:
-        expected = read_quant_config(path).get("model_sha256")
+        recorded = read_quant_config(path)
+        expected = recorded.get("model_sha256")
         weights = path / WEIGHTS_NAME
         if not weights.is_file():
             return f"incomplete ({WEIGHTS_NAME} is missing)"
@@ -81,6 +96,8 @@ def checkpoint_problem(path: Path, fingerprint: str | None = None) -> str | None
         return f"unreadable ({e})"
     if fingerprint is not None and theirs != fingerprint:
         return f"made with other weak columns (base {theirs}, the built-in plan is {fingerprint})"
+    if fingerprint is not None and any(recorded.get(k) != v for k, v in RECORDED.items()):
+        return "made with other settings (an older default)"
     return None
 
 
@@ -98,7 +115,8 @@ def default_checkpoint() -> Path:
             log.warning("the cached default %s is %s: quantizing it again", out, problem)
         log.info(
             "quantizing the default model once into %s (OWQ 3-bit, k = 8 from the built-in plan "
-            "%s): about %d minutes on 2 CPU cores (this machine has %d); progress below",
+            "%s, 4-bit vocabulary table): about %d minutes on 2 CPU cores (this machine has %d); "
+            "progress below",
             out, plan.fingerprint, FIRST_RUN_MINUTES_2_CORES, os.cpu_count() or 1,
         )  # fmt: skip
         _quantize_default(out, plan)

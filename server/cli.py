@@ -21,7 +21,7 @@ EXAMPLES = """examples:
   owq serve ckpt/owq-3 --adapters adapters/ --port 8000
   owq serve ckpt/owq-3 --api-keys keys.json --max-batch 32 --max-queue 512
   owq serve ckpt/owq-3 --device cuda --host 0.0.0.0
-  owq serve /models/base --served-model-name default-owq3-k8   # the id clients send as model
+  owq serve /models/base --served-model-name default-owq3-k8-h4   # the id clients send
 
   curl localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32}'

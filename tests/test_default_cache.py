@@ -1,5 +1,6 @@
 """The cached default checkpoint: made once, reused, and made again (with one log line saying
-why) when it is truncated, fails its checksum or was quantized with other weak columns.
+why) when it is truncated, fails its checksum or was quantized with other weak columns or
+settings.
 
 The minutes-long real quantization is replaced by writing a tiny checkpoint; the built-in plan
 by that checkpoint's plan (its fingerprint is what the cached default must have).
@@ -27,7 +28,8 @@ def fake_default(monkeypatch, tmp_path):
 
     def fake_quantize(out: Path, plan) -> None:
         assert plan == plan_of_checkpoint(source)
-        save_checkpoint(load_checkpoint(source), out, QuantConfig(4, 32), overwrite=True)
+        config = QuantConfig(4, 32, extra=dict(dc.RECORDED))  # what the real default records
+        save_checkpoint(load_checkpoint(source), out, config, overwrite=True)
         made.append(out)
 
     monkeypatch.setenv("OWQ_CACHE", str(tmp_path / "cache"))
@@ -75,6 +77,15 @@ def test_a_default_made_with_other_weak_columns_is_made_again(fake_default, capl
     with caplog.at_level(logging.WARNING, logger=dc.__name__):
         dc.default_checkpoint()
     assert "made with other weak columns" in caplog.text and len(fake_default) == 2
+
+
+def test_an_older_default_with_the_same_weak_columns_is_made_again(fake_default, caplog):
+    """Same plan, other settings (the fp16-table default of before): made again, said once."""
+    path = dc.default_checkpoint()
+    save_checkpoint(load_checkpoint(path), path, QuantConfig(4, 32), overwrite=True)
+    with caplog.at_level(logging.WARNING, logger=dc.__name__):
+        assert dc.default_checkpoint() == path
+    assert "made with other settings" in caplog.text and len(fake_default) == 2
 
 
 def test_the_first_run_logs_its_expected_time(fake_default, caplog):
