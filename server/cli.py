@@ -84,6 +84,12 @@ def add_parser(sub) -> None:
         "(fast; per-channel checkpoints) or "
         "the fp32 dense GEMM as offline (`owq eval`); prefill is always fp32",
     )
+    p.add_argument(
+        "--resident-dense",
+        action="store_true",
+        help="CPU: keep a dequantized fp32 copy of every layer for prefill (faster prompts, ~4x "
+        "the memory of the 4-bit codes); by default prefill dequantizes each layer per call",
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     p.add_argument(
         "--no-preload",
@@ -133,6 +139,7 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         max_queue=args.max_queue,
         device=args.device,
         packed_decode=args.cpu_decode == "int4",
+        resident_dense=args.resident_dense,
     )
     return Engine.from_checkpoint(
         ckpt, config, adapters_dir=adapters, observer=observer, model_name=args.served_model_name
