@@ -80,9 +80,9 @@ def add_parser(sub) -> None:
         "--cpu-decode",
         choices=("int4", "fp32"),
         default="int4",
-        help="CPU kernel for decode steps: the codes repacked as 4-bit with bf16 activations "
-        "(fast; per-channel checkpoints) or "
-        "the fp32 dense GEMM as offline (`owq eval`); prefill is always fp32",
+        help="CPU kernel for decode steps: the codes repacked for the 4-bit kernel with bf16 "
+        "activations (every layer of at most 4 bits), or the fp32 dense GEMM as offline "
+        "(`owq eval`, a resident fp32 copy); prefill is always fp32",
     )
     p.add_argument(
         "--resident-dense",
