@@ -68,6 +68,8 @@ def from_engine_error(e: p.EngineError, retry_after_s: int = 1) -> ApiError:
     msg = str(e) or type(e).__name__
     if isinstance(e, p.QueueFull):
         return ApiError(429, msg, "queue_full", headers={"Retry-After": str(retry_after_s)})
+    if isinstance(e, p.AdaptersBusy):
+        return ApiError(429, msg, "adapters_busy", headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, p.ContextTooLong):
         return ApiError(400, msg, "context_length_exceeded", "prompt")
     if isinstance(e, p.AdapterNotLoaded):
@@ -76,10 +78,14 @@ def from_engine_error(e: p.EngineError, retry_after_s: int = 1) -> ApiError:
         return ApiError(400, msg, "invalid_adapter_name", "name")
     if isinstance(e, p.AdapterNotFound):
         return ApiError(404, msg, "adapter_not_found", "name")
+    if isinstance(e, p.AdapterBaseMismatch):
+        return ApiError(409, msg, "adapter_fingerprint_mismatch")
     if isinstance(e, p.AdapterConflict):
-        return ApiError(409, msg, "adapter_fingerprint_mismatch", "name")
+        return ApiError(409, msg, "adapter_refused")
     if isinstance(e, p.InvalidRequest):
         return ApiError(400, msg, "invalid_value")
+    if isinstance(e, p.GenerationFailed):
+        return ApiError(500, msg, "generation_failed")
     if isinstance(e, p.EngineNotReady):
         return ApiError(503, msg, "not_ready", headers={"Retry-After": str(retry_after_s)})
     log.error("unmapped engine error %s: %s", type(e).__name__, msg)

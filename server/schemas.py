@@ -1,38 +1,83 @@
 """Pydantic v2 models of the OpenAI-compatible requests and responses the API speaks.
 
-Requests ignore unknown fields (OpenAI clients send many optional ones); values are range-checked
-here, limits that depend on the server (n, logprobs, prompts per request) in the routes. Knows
-nothing about the engine or tokenizers.
+Requests ignore unknown fields (OpenAI clients send many optional ones) and take JSON types as
+they are (strict: `n: 1.0`, `true` for an integer or a token id are refused, as the OpenAPI
+document says); values are range-checked here, limits that depend on the server (n, logprobs,
+prompts per request, the queue) in the routes. Text must be valid Unicode (a lone surrogate such
+as "\\ud800" is refused). Knows nothing about the engine or tokenizers.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_serializer,
+)
+
+from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_STOP = 16
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
+def _unicode(text: str) -> str:
+    """Refuse a lone UTF-16 surrogate (a valid JSON escape, not text: tokenizers cannot take it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate {text[e.start]!r} at character {e.start}"
+        ) from None
+    return text
+
+
+def _temperature(value: float) -> float:
+    if value != 0.0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]"
+        )
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+TEMPERATURE_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "enum": [0]},
+        {"type": "number", "minimum": MIN_TEMPERATURE, "maximum": MAX_TEMPERATURE},
+    ],
+    "description": "0 = greedy; else the softmax temperature",
+}
+Temperature = Annotated[float, AfterValidator(_temperature), WithJsonSchema(TEMPERATURE_SCHEMA)]
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    model: Text | None = None
+    temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="extension; 0 or -1 = off")
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -53,12 +98,12 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = str | list[int] | list[list[int]] | list[str]
+Prompt = Text | list[int] | list[list[int]] | list[Text]
 
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=0, description="default: the server's (256)")
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
 
@@ -73,16 +118,18 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -99,7 +146,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=256)
 
@@ -204,6 +251,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "owq"
     parent: str | None = None  # the base, for adapters
+    status: Literal["loaded", "loadable"] = "loaded"  # loadable: loaded by the first request
 
 
 class ModelList(BaseModel):
@@ -214,6 +262,41 @@ class ModelList(BaseModel):
 class AdapterCard(BaseModel):
     name: str
     loaded: bool
+    status: Literal["loaded", "loadable", "refused"]
     base_fingerprint: str | None = None
     num_bytes: int | None = None
     load_seconds: float | None = None
+    error: str | None = None  # why a refused adapter cannot be used, and the fix
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterCard]
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error status's body, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+class ReadyStatus(BaseModel):
+    status: Literal["ready", "loading", "shutting_down"]
+    model: str | None = None
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"]
