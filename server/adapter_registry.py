@@ -4,13 +4,13 @@ Implements protocol's `AdapterManager`. A name is never a path: it must match `N
 symlink whose target leaves the directory is refused. The registry alone knows which name means
 the base (`adapter_name`). A request's adapter is resolved once (`resolve`) into the
 `AdapterHandle` it keeps to the end: loaded on demand from the directory when it is not loaded
-yet (concurrent first requests share one load), at most `max_loaded` at once, the least recently
-used idle one evicted to make room. Loading checks the base fingerprint, every layer's shape and
-that every value is finite; a refused adapter keeps its reason (`states()`), with the fix. Each
-load of a name gets a new version, so unloading, evicting or replacing an adapter never changes
-the weights of a request already accepted. Device slots are the model thread's business
-(`adapter_slots.SlotTable`); this module knows no tensors on devices, no batches, no HTTP.
-"""
+yet (concurrent first requests share one load), at most `max_loaded` at once, the least
+recently used one evicted to make room (an idle one first). Loading checks the base
+fingerprint, every layer's shape and that every value is finite; a refused adapter keeps its
+reason (`states()`), with the fix. Each load of a name gets a new version, so unloading,
+evicting or replacing an adapter never changes the weights of a request already accepted.
+Device slots are the model thread's business (`adapter_slots.SlotTable`); this module knows no
+tensors on devices, no batches, no HTTP."""
 
 from __future__ import annotations
 
@@ -35,13 +35,13 @@ from owq.kernels.adapters import (
 )
 
 from .protocol import (
+    ADAPTER_NAME_PATTERN,
     DEFAULT_MAX_LOADED,
     AdapterBaseMismatch,
     AdapterConflict,
     AdapterInfo,
     AdapterNotFound,
     AdapterNotLoaded,
-    AdaptersBusy,
     AdapterState,
     EngineObserver,
     InvalidAdapterName,
@@ -50,7 +50,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 FIX = "re-tune it on this base, or quantize the base with --weak-columns-from"
 
 
@@ -198,7 +198,7 @@ class AdapterRegistry:
         """The handle a request runs on: the loaded version of `name`, else loaded on demand
         from the adapters dir (one load however many requests wait for it). None = the base.
         AdapterNotLoaded (404) when no such adapter exists, AdapterConflict (409) when it is
-        refused, AdaptersBusy (429) when every loaded adapter is in use and none can go."""
+        refused."""
         try:
             return self.current(name)
         except AdapterNotLoaded:
@@ -273,16 +273,13 @@ class AdapterRegistry:
         return handle
 
     def _evict_one(self) -> None:
-        """Drop the least recently used loaded adapter no request uses (lock held)."""
-        for name, handle in self._loaded.items():
-            if not self._pins.get(handle.key):
-                del self._loaded[name]
-                log.info("adapter %s evicted (least recently used, idle)", name)
-                return
-        raise AdaptersBusy(
-            f"all {self.max_loaded} loaded adapters are in use (--max-loaded-adapters): "
-            "retry when one is idle"
-        )
+        """Drop the least recently used idle adapter, else the least recently used one (lock
+        held). Requests running on it keep their handle, so their version lives on until they
+        end; a later request loads the adapter again."""
+        idle = [n for n, h in self._loaded.items() if not self._pins.get(h.key)]
+        name = idle[0] if idle else next(iter(self._loaded))
+        del self._loaded[name]
+        log.info("adapter %s evicted (least recently used%s)", name, ", idle" if idle else "")
 
     def _path(self, name: str) -> Path:
         check_name(name)

@@ -18,7 +18,7 @@ from .deps import AppContext
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
 from .middleware import Authenticate, BodyLimit, InternalErrors, RequestMetrics
-from .openapi import install_openapi
+from .openapi import Limits, install_openapi
 from .routes_admin import router as admin_router
 from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
@@ -90,7 +90,11 @@ def create_app(
 
     app = FastAPI(title="owq", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
-    install_openapi(app)
+    limits = Limits(
+        settings.max_n, settings.max_logprobs, settings.max_prompts, engine.max_context,
+        len(engine.tokenizer),
+    )  # fmt: skip
+    install_openapi(app, limits)
     install_error_handlers(app, settings.retry_after_s)
     for router in (ops_router, completions_router, chat_router, admin_router):
         app.include_router(router)

@@ -68,8 +68,6 @@ def from_engine_error(e: p.EngineError, retry_after_s: int = 1) -> ApiError:
     msg = str(e) or type(e).__name__
     if isinstance(e, p.QueueFull):
         return ApiError(429, msg, "queue_full", headers={"Retry-After": str(retry_after_s)})
-    if isinstance(e, p.AdaptersBusy):
-        return ApiError(429, msg, "adapters_busy", headers={"Retry-After": str(retry_after_s)})
     if isinstance(e, p.ContextTooLong):
         return ApiError(400, msg, "context_length_exceeded", "prompt")
     if isinstance(e, p.AdapterNotLoaded):
@@ -131,7 +129,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
         errors = e.errors()
-        first = errors[0] if errors else {}
+        # a validator's own message (e.g. a lone surrogate) says more than a union's type misses
+        first = next(
+            (x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {}
+        )
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
             return error_response(ApiError(400, message.rstrip(": "), "invalid_json"))

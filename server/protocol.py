@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 SHOWN_CHARS = 64
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a name, never a path
 DEFAULT_MAX_TOKENS = 256  # a chat or completion request without max_tokens (--default-max-tokens)
 DEFAULT_MAX_LOADED = 64  # adapters in host memory at once (--max-loaded-adapters)
 
@@ -117,10 +118,6 @@ class AdapterConflict(EngineError):  # 409: refused (other base, bad shape, NaN)
 
 
 class AdapterBaseMismatch(AdapterConflict):  # 409: tuned on another base (names both)
-    pass
-
-
-class AdaptersBusy(EngineError):  # 429 with Retry-After: every loaded adapter is in use
     pass
 
 

@@ -10,8 +10,9 @@ a refused adapter cannot be used.
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
 from . import protocol as p
 from .deps import Admin, Caller, Ctx, ReadyCtx
@@ -71,7 +72,7 @@ def _card(state: p.AdapterState) -> AdapterCard:
     return card
 
 
-@router.post("/v1/adapters", responses=responses(400, 401, 403, 404, 409, 413, 429, 503))
+@router.post("/v1/adapters", responses=responses(400, 401, 403, 404, 409, 413, 503))
 async def load_adapter(body: LoadAdapterRequest, ctx: ReadyCtx, _: Admin) -> AdapterCard:
     info = await ctx.engine.adapters.load(body.name)  # InvalidAdapterName (a path) -> 400
     log.info("adapter %s loaded in %.3f s", info.name, info.load_seconds)
@@ -79,7 +80,9 @@ async def load_adapter(body: LoadAdapterRequest, ctx: ReadyCtx, _: Admin) -> Ada
 
 
 @router.delete("/v1/adapters/{name}", responses=responses(400, 401, 403, 404, 503))
-async def unload_adapter(name: str, ctx: ReadyCtx, _: Admin) -> AdapterDeleted:
+async def unload_adapter(
+    name: Annotated[str, Path(pattern=p.ADAPTER_NAME_PATTERN)], ctx: ReadyCtx, _: Admin
+) -> AdapterDeleted:
     await ctx.engine.adapters.unload(name)
     log.info("adapter %s unloaded", name)
     return AdapterDeleted(name=name)

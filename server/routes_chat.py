@@ -100,7 +100,7 @@ def usage(choices: list[Choice]) -> Usage:
 @router.post(
     "/v1/chat/completions",
     response_model=None,
-    responses={**streamed(ChatCompletionResponse), **responses(*GENERATION)},
+    responses={**streamed(ChatCompletionResponse, ChatCompletionChunk), **responses(*GENERATION)},
 )
 async def chat(body: ChatCompletionRequest, request: Request, who: Caller, ctx: ReadyCtx):
     start = time.perf_counter()

@@ -111,7 +111,7 @@ def usage(choices: list[Choice], n: int) -> Usage:
 @router.post(
     "/v1/completions",
     response_model=None,
-    responses={**streamed(CompletionResponse), **responses(*GENERATION)},
+    responses={**streamed(CompletionResponse, CompletionResponse), **responses(*GENERATION)},
 )
 async def completions(body: CompletionRequest, request: Request, who: Caller, ctx: ReadyCtx):
     start = time.perf_counter()
@@ -119,7 +119,7 @@ async def completions(body: CompletionRequest, request: Request, who: Caller, ct
     check_limits(body.n, body.logprobs, settings.max_n, settings.max_logprobs, "logprobs")
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(
-            400, "max_tokens 0 needs echo (scoring the prompt)", "invalid_value", "max_tokens"
+            400, "max_tokens 0 needs echo (scoring the prompt)", "echo_required", "max_tokens"
         )
     target = await resolve_target(engine, who, body.model, request.headers.get(ADAPTER_HEADER))
     request.state.adapter_label = target.name

@@ -1,10 +1,11 @@
 """Pydantic v2 models of the OpenAI-compatible requests and responses the API speaks.
 
 Requests ignore unknown fields (OpenAI clients send many optional ones) and take JSON types as
-they are (strict: `n: 1.0`, `true` for an integer or a token id are refused, as the OpenAPI
-document says); values are range-checked here, limits that depend on the server (n, logprobs,
-prompts per request, the queue) in the routes. Text must be valid Unicode (a lone surrogate such
-as "\\ud800" is refused). Knows nothing about the engine or tokenizers.
+JSON Schema reads them (`true` or `"2"` for an integer or a token id is refused, `2.0` is the
+integer 2); values are range-checked here, limits that depend on the server (n, logprobs,
+prompts per request, the queue) in the routes and in the OpenAPI document (`openapi.py`). Text
+must be valid Unicode (a lone surrogate such as "\\ud800" is refused). Knows nothing about the
+engine or tokenizers.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     WithJsonSchema,
-    field_validator,
     model_serializer,
 )
 
-from .protocol import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .protocol import ADAPTER_NAME_PATTERN, MAX_TEMPERATURE, MIN_TEMPERATURE
 
 MAX_STOP = 16
 STRICT = ConfigDict(extra="ignore", strict=True)
@@ -46,7 +47,18 @@ def _temperature(value: float) -> float:
     return value
 
 
+def _integral(value):
+    """JSON Schema's integer: 2 and 2.0 alike; never 2.5, true or "2"."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
+# bounds before the validator, or pydantic writes them into the schema as "ge", not "minimum"
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
 TEMPERATURE_SCHEMA = {
     "anyOf": [
         {"type": "number", "enum": [0]},
@@ -71,50 +83,55 @@ class SamplingFields(BaseModel):
     model: Text | None = None
     temperature: Temperature = 1.0
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension; 0 or -1 = off")
-    stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64, as OpenAI's
-    n: int = Field(1, ge=1)
+    top_k: Annotated[int, Field(ge=-1), BeforeValidator(_integral)] = Field(
+        0, description="extension; 0 or -1 = off"
+    )
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63), BeforeValidator(_integral)] | None = None
+    n: PositiveInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
     @property
     def stop_tuple(self) -> tuple[str, ...]:
-        return tuple(self.stop or ())
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-Prompt = Text | list[int] | list[list[int]] | list[Text]
+TokenIds = Annotated[list[NonNegativeInt], Field(min_length=1)]
+Prompt = (
+    NonEmptyText
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1)]
+    | Annotated[list[NonEmptyText], Field(min_length=1)]
+)
+CROSS_FIELD_RULES = (
+    "Checked beyond this schema (400, `code` says which): the prompt plus max_tokens must fit "
+    "the model's context (context_length_exceeded); n times the prompts must fit the queue "
+    "(too_many_choices); max_tokens 0 needs echo (echo_required); the model's chat template "
+    "may refuse messages (invalid_messages, no_chat_template, empty_prompt)."
+)
+CROSS_FIELD_CODES = (
+    "context_length_exceeded",
+    "too_many_choices",
+    "echo_required",
+    "invalid_messages",
+    "no_chat_template",
+    "empty_prompt",
+)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Prompt
-    max_tokens: int | None = Field(None, ge=0, description="default: the server's (256)")
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    model_config = ConfigDict(json_schema_extra={"description": CROSS_FIELD_RULES})
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(v, list) and isinstance(v[0], list) and any(not p for p in v):
-            raise ValueError("token-id prompts must not be empty")
-        return v
+    prompt: Prompt
+    max_tokens: NonNegativeInt | None = Field(None, description="default: the server's (256)")
+    logprobs: NonNegativeInt | None = None
+    echo: bool = Field(False, description="with max_tokens 0 (scoring); max_tokens 0 needs it")
 
 
 class TextPart(BaseModel):
@@ -138,17 +155,19 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"description": CROSS_FIELD_RULES})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: NonNegativeInt | None = None
 
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="a name in --adapters DIR")
 
 
 # ---- responses -------------------------------------------------------------------------------
