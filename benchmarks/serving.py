@@ -201,8 +201,11 @@ def llama_cpp_missing() -> str | None:
     return None
 
 
-def make_adapters(ckpt: Path, out: Path, count: int, seed: int = 0) -> list[str]:
-    """`count` random weak-column adapters of the checkpoint's base (noise on its columns)."""
+def make_adapters(
+    ckpt: Path, out: Path, count: int, seed: int = 0, scale: float = 0.1
+) -> list[str]:
+    """`count` random weak-column adapters of the checkpoint's base (noise of `scale` times
+    each layer's own std on its columns)."""
     import torch
 
     from owq.kernels.adapters import adapter_from_model, save_adapter
@@ -214,7 +217,7 @@ def make_adapters(ckpt: Path, out: Path, count: int, seed: int = 0) -> list[str]
         adapter = adapter_from_model(base, f"bench-{i:02d}", task="benchmark")
         gen = torch.Generator().manual_seed(seed + i)
         for layer, cols in adapter.columns.items():
-            noise = torch.randn(cols.shape, generator=gen) * 0.1 * cols.float().std()
+            noise = torch.randn(cols.shape, generator=gen) * scale * cols.float().std()
             adapter.columns[layer] = (cols.float() + noise).to(torch.float16)
         save_adapter(adapter, out / adapter.name)
         names.append(adapter.name)
