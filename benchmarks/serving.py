@@ -166,11 +166,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def start_server(cmd: list[str], ready_path: str, timeout_s: float, log):
-    """Start `python -m <cmd> --port P` and wait until `ready_path` answers 200."""
+def start_server(cmd: list[str], ready_path: str, timeout_s: float, log, env=None):
+    """Start `python -m <cmd> --port P` (in `env`, default ours) and wait until `ready_path`
+    answers 200."""
     port = free_port()
     argv = [sys.executable, "-m", *cmd, "--port", str(port)]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, proc, ready_path, timeout_s)
