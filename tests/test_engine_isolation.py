@@ -8,10 +8,19 @@ import asyncio
 
 import pytest
 import torch
-from engine_fixtures import build_tiny_server_assets, collect, request, started_engine, token_ids
+from engine_fixtures import (
+    build_tiny_server_assets,
+    collect,
+    random_adapter,
+    request,
+    started_engine,
+    token_ids,
+)
 
+from owq.kernels.adapters import save_adapter
+from owq.kernels.checkpoint import load_checkpoint
 from owq.server.detokenize import TextStream
-from owq.server.protocol import GenerationFailed, InvalidRequest, SamplingParams
+from owq.server.protocol import AdapterConflict, GenerationFailed, InvalidRequest, SamplingParams
 from owq.server.scheduler import Sequence
 
 PROMPT = "It is a truth universally acknowledged"
@@ -118,3 +127,25 @@ def test_prompt_scoring_with_non_finite_logits_fails_alone(engine):
     assert isinstance(result, GenerationFailed)
     asyncio.run(engine.stop())  # the model thread cleans the row right after reporting
     assert torch.isfinite(torch.stack(engine.cache.k)).all()
+
+
+def test_an_adapter_with_non_finite_values_is_refused_at_load(assets):
+    """A NaN weight would reach every row of a mixed batch (the weak-column product runs all
+    slots as one GEMM: 0 * NaN = NaN), so such an adapter never loads."""
+    ckpt, adapters = assets
+    bad = random_adapter(load_checkpoint(ckpt), "nan-adapter", seed=3)
+    layer = next(iter(bad.columns))
+    bad.columns[layer][0, 0] = float("nan")
+    save_adapter(bad, adapters / "nan-adapter")
+    engine = started_engine(ckpt, adapters)
+
+    async def main():
+        with pytest.raises(AdapterConflict, match="NaN") as first:
+            await engine.adapters.load("nan-adapter")
+        with pytest.raises(AdapterConflict, match="NaN"):
+            await engine.adapters.resolve("nan-adapter")  # a request naming it: 409, not loaded
+        await engine.stop()
+        return str(first.value)
+
+    assert layer in asyncio.run(main())
+    assert [s.status for s in engine.adapters.states() if s.name == "nan-adapter"] == ["refused"]
