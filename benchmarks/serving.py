@@ -68,7 +68,7 @@ def start_llama_cpp(python: str, log):
     threads = os.cpu_count() or 1  # --interrupt_requests False: queue, do not cut the running one
     flags = f"--host 127.0.0.1 --n_ctx 2048 --n_threads {threads} --interrupt_requests False"
     cmd = ["llama_cpp.server", "--model", str(default_gguf_path()), *flags.split()]
-    return start_server(cmd, "/v1/models", 300, log, python)
+    return start_server(cmd, "/v1/models", 300, log, python=python)
 
 
 def peak_rss_mib(pid: int) -> float:

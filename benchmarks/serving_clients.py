@@ -151,12 +151,14 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def start_server(cmd: list[str], ready_path: str, timeout_s: float, log, python: str = ""):
-    """Start `python -m <cmd> --port P` (this interpreter unless `python` names another) and
-    wait until `ready_path` answers 200."""
+def start_server(
+    cmd: list[str], ready_path: str, timeout_s: float, log, env=None, python: str = ""
+):
+    """Start `python -m <cmd> --port P` (this interpreter unless `python` names another; in
+    `env`, default ours) and wait until `ready_path` answers 200."""
     port = free_port()
     argv = [python or sys.executable, "-m", *cmd, "--port", str(port)]
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url, proc, ready_path, timeout_s)
@@ -166,8 +168,11 @@ def start_server(cmd: list[str], ready_path: str, timeout_s: float, log, python:
     return proc, url
 
 
-def make_adapters(ckpt: Path, out: Path, count: int, seed: int = 0) -> list[str]:
-    """`count` random weak-column adapters of the checkpoint's base (noise on its columns)."""
+def make_adapters(
+    ckpt: Path, out: Path, count: int, seed: int = 0, scale: float = 0.1
+) -> list[str]:
+    """`count` random weak-column adapters of the checkpoint's base (noise of `scale` times
+    each layer's own std on its columns)."""
     import torch
 
     from owq.kernels.adapters import adapter_from_model, save_adapter
@@ -179,7 +184,7 @@ def make_adapters(ckpt: Path, out: Path, count: int, seed: int = 0) -> list[str]
         adapter = adapter_from_model(base, f"bench-{i:02d}", task="benchmark")
         gen = torch.Generator().manual_seed(seed + i)
         for layer, cols in adapter.columns.items():
-            noise = torch.randn(cols.shape, generator=gen) * 0.1 * cols.float().std()
+            noise = torch.randn(cols.shape, generator=gen) * scale * cols.float().std()
             adapter.columns[layer] = (cols.float() + noise).to(torch.float16)
         save_adapter(adapter, out / adapter.name)
         names.append(adapter.name)

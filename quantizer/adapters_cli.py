@@ -8,7 +8,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   owq adapters inspect adapters/novels
-  owq adapters inspect adapters/novels --base ckpt/owq-3     # also check it fits this base
+  owq adapters inspect adapters/novels --base ckpt/owq-3     # exit status 1 if it does not fit
   owq adapters inspect examples/adapters/austen-domain --json
 """
 
@@ -57,14 +57,15 @@ def describe(path: Path) -> dict:
     }
 
 
-def _base_check(info: dict, base: str) -> str:
+def _base_check(info: dict, base: str) -> tuple[bool, str]:
+    """(fits, one line saying so) for the adapter described by `info` on `base`."""
     from owq.kernels.plan import read_plan
 
     fingerprint = read_plan(base).fingerprint  # a checkpoint's tensors or a plan file
     if fingerprint == info["base_fingerprint"]:
-        return f"fits base {base} ({fingerprint})"
+        return True, f"fits base {base} ({fingerprint})"
     theirs = info["base_fingerprint"]
-    return f"DOES NOT fit base {base}: adapter base {theirs}, this base {fingerprint}"
+    return False, f"DOES NOT fit base {base}: adapter base {theirs}, this base {fingerprint}"
 
 
 def format_info(info: dict) -> str:
@@ -91,11 +92,14 @@ def format_info(info: dict) -> str:
 
 
 def run_inspect(args) -> int:
+    """Exit status 0, or 1 when `--base` is given and the adapter does not fit it."""
     info = describe(args.adapter)
+    fits = True
     if args.base:
-        info["base_check"] = _base_check(info, args.base)
+        fits, info["base_check"] = _base_check(info, args.base)
+        info["fits_base"] = fits
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(format_info(info) + (f"\n{info['base_check']}" if args.base else ""))
-    return 0
+    return 0 if fits else 1

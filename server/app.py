@@ -17,7 +17,8 @@ from . import protocol as p
 from .deps import AppContext
 from .errors import install_error_handlers
 from .metrics import ServerMetrics
-from .middleware import BodyLimit, InternalErrors, RequestMetrics
+from .middleware import Authenticate, BodyLimit, InternalErrors, RequestMetrics
+from .openapi import Limits, install_openapi
 from .routes_admin import router as admin_router
 from .routes_chat import router as chat_router
 from .routes_completions import router as completions_router
@@ -40,16 +41,19 @@ def attach_observer(engine: p.Engine, observer: p.EngineObserver) -> None:
 
 
 async def preload_adapters(engine: p.Engine) -> None:
-    """Load every adapter of the adapters dir; one that fails is logged and skipped."""
-    loaded = {a.name for a in engine.adapters.loaded()}
-    for name in engine.adapters.available():
-        if name in loaded:
-            continue
-        try:
-            info = await engine.adapters.load(name)
-            log.info("adapter %s loaded (%.2f s)", name, info.load_seconds)
-        except p.EngineError as e:
-            log.warning("adapter %s not loaded: %s", name, e)
+    """Load the adapters of the adapters dir, up to the registry's bound; one that is refused
+    is logged with the reason and skipped (the others load on the first request naming them)."""
+    room = engine.adapters.max_loaded - len(engine.adapters.loaded())
+    for state in engine.adapters.states():
+        if state.status == "refused":
+            log.warning("adapter %s refused: %s", state.name, state.error)
+        elif state.status == "loadable" and room > 0:
+            try:
+                info = await engine.adapters.load(state.name)
+                room -= 1
+                log.info("adapter %s loaded (%.2f s)", state.name, info.load_seconds)
+            except p.EngineError as e:
+                log.warning("adapter %s not loaded: %s", state.name, e)
 
 
 def create_app(
@@ -86,10 +90,16 @@ def create_app(
 
     app = FastAPI(title="owq", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
+    limits = Limits(
+        settings.max_n, settings.max_logprobs, settings.max_prompts, engine.max_context,
+        len(engine.tokenizer),
+    )  # fmt: skip
+    install_openapi(app, limits)
     install_error_handlers(app, settings.retry_after_s)
     for router in (ops_router, completions_router, chat_router, admin_router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate, keys=settings.keys)  # before the body is read
     app.add_middleware(InternalErrors)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts 413s and 500s too
     return app

@@ -5,13 +5,16 @@ The file is JSON::
     {"keys": {
         "sk-tenant-a": {"adapters": ["support", "legal"]},
         "sk-tenant-b": {"adapters": ["*"], "base": false},
-        "sk-ops":      {"admin": true}
+        "sk-ops":      {"admin": true},
+        "sk-prometheus": {"metrics": true, "base": false}
     }}
 
 `adapters` lists the adapter names the key may use (`"*"` = every adapter); `base` (default
-true) whether it may use the base model; `admin` (default false) allows every model and the
-`/v1/adapters` admin routes. Clients send `Authorization: Bearer <key>`. Keys are held only as
-SHA-256 digests. Knows nothing about the engine or HTTP routing.
+true) whether it may use the base model; `admin` (default false) allows every model, the
+`/v1/adapters` admin routes and `/metrics`; `metrics` (default false) allows `/metrics` only
+(a scrape key: the page names tenants' adapters). Clients send `Authorization: Bearer <key>`.
+Keys are held only as SHA-256 digests; an error in the file names the file and the entry's
+position, never a key. Knows nothing about the engine or HTTP routing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class KeyPolicy(BaseModel):
     adapters: tuple[str, ...] = ()
     base: bool = True
     admin: bool = False
+    metrics: bool = False
 
 
 class KeyFile(BaseModel):
@@ -58,6 +62,10 @@ class Principal:
     @property
     def admin(self) -> bool:
         return self.policy is None or self.policy.admin
+
+    @property
+    def reads_metrics(self) -> bool:
+        return self.admin or self.policy.metrics
 
     def may_use(self, adapter: str | None) -> bool:
         """`adapter` None = the base model."""
@@ -98,9 +106,19 @@ class KeyTable:
             table = KeyFile.model_validate(data)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
+            where = _where(first["loc"], data)
             raise KeyFileError(f"api-keys file {path}: {where}: {first['msg']}") from None
         return cls(table.keys)
+
+
+def _where(loc: tuple, data) -> str:
+    """A validation error's place, a key's own text replaced by its entry's position."""
+    if len(loc) < 2 or loc[0] != "keys" or not isinstance(data, dict):
+        return ".".join(str(x) for x in loc) or "top level"
+    keys = list(data["keys"])
+    entry = keys.index(loc[1]) + 1 if loc[1] in keys else "?"
+    rest = "".join(f".{x}" for x in loc[2:])
+    return f"keys entry {entry} of {len(keys)}{rest}"
 
 
 def bearer_token(authorization: str | None) -> str | None:

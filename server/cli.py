@@ -14,6 +14,8 @@ import signal
 import threading
 from pathlib import Path
 
+from .protocol import DEFAULT_MAX_LOADED, DEFAULT_MAX_TOKENS
+
 log = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
@@ -28,9 +30,16 @@ EXAMPLES = """examples:
   curl localhost:8000/v1/chat/completions -H 'X-OWQ-Adapter: my-task' \\
        -d '{"messages": [{"role": "user", "content": "Hi"}]}' -H 'content-type: application/json'
 
-api-keys file (JSON): {"keys": {"sk-a": {"adapters": ["a", "b"]}, "sk-ops": {"admin": true}}}
+api-keys file (JSON): {"keys": {"sk-a": {"adapters": ["a", "b"]}, "sk-ops": {"admin": true},
+                                 "sk-scrape": {"metrics": true, "base": false}}}
   adapters: names the key may use ("*" = all); base: may use the base (default true);
-  admin: every model and the /v1/adapters routes. Without the file the server is open.
+  admin: every model, the /v1/adapters routes and /metrics; metrics: /metrics only (give
+  Prometheus this key: `authorization: {credentials_file: ...}`). Without the file the
+  server is open, /metrics included.
+
+adapters: a request naming an adapter of --adapters DIR that is not loaded loads it then;
+  at most --max-loaded-adapters stay loaded (the least recently used idle one goes).
+  GET /v1/adapters (admin) says why an adapter is refused.
 """
 
 
@@ -92,6 +101,21 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     p.add_argument(
+        "--default-max-tokens",
+        type=_positive,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help="max_tokens of a chat or completion request that sets none (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-loaded-adapters",
+        type=_positive,
+        default=DEFAULT_MAX_LOADED,
+        metavar="N",
+        help="adapters held in host memory at once; more are loaded on demand, the least "
+        "recently used idle one evicted (default %(default)s)",
+    )
+    p.add_argument(
         "--no-preload",
         action="store_true",
         help="do not load every adapter of the adapters dir at start-up",
@@ -103,6 +127,16 @@ def _model_name(text: str) -> str:
     if not text.strip() or text != text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is not a model name (empty or padded)")
     return text
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def resolve_paths(args) -> tuple[Path, Path | None]:
@@ -127,6 +161,7 @@ def build_settings(args):
         max_body_bytes=args.max_body_bytes,
         keys=keys,
         preload_adapters=not args.no_preload,
+        default_max_tokens=args.default_max_tokens,
         start_engine=False,  # run() drives the model loop on the main thread
     )
 
@@ -140,6 +175,7 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         device=args.device,
         packed_decode=args.cpu_decode == "int4",
         resident_dense=args.resident_dense,
+        max_loaded_adapters=args.max_loaded_adapters,
     )
     return Engine.from_checkpoint(
         ckpt, config, adapters_dir=adapters, observer=observer, model_name=args.served_model_name
@@ -160,6 +196,12 @@ def run(args) -> int:
         f" with adapters {adapters}" if adapters else "",
         args.host,
         args.port,
+    )
+    log.info(
+        "requests without max_tokens get %d (--default-max-tokens); at most %d adapters "
+        "loaded (--max-loaded-adapters)",
+        settings.default_max_tokens,
+        args.max_loaded_adapters,
     )
     metrics = ServerMetrics()
     engine = build_engine(ckpt, adapters, args, metrics)

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from . import protocol as p
-from .auth import OPEN, Principal, bearer_token
+from .auth import OPEN, Principal
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .settings import ServerSettings
@@ -45,19 +45,15 @@ def ready_context(request: Request) -> AppContext:
 
 
 def principal(request: Request) -> Principal:
-    """The caller: OPEN without a key table, else the key's principal (401 when missing/unknown)."""
-    keys = context(request).settings.keys
-    if keys is None:
+    """The caller: OPEN without a key table, else the principal `middleware.Authenticate` found
+    for its key (checked before the body was read)."""
+    if context(request).settings.keys is None:
         return OPEN
-    token = bearer_token(request.headers.get("authorization"))
-    if token is None:
+    who = getattr(request.state, "principal", None)
+    if who is None:  # a route left open by the middleware cannot name a caller
         raise ApiError(
             401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key"
         )
-    who = keys.lookup(token)
-    if who is None:
-        raise ApiError(401, "invalid API key", "invalid_api_key")
-    request.state.principal = who.label
     return who
 
 
@@ -67,7 +63,14 @@ def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     return who
 
 
+def metrics_reader(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    if not who.reads_metrics:
+        raise ApiError(403, "/metrics needs an admin or metrics API key", "metrics_key_required")
+    return who
+
+
 Ctx = Annotated[AppContext, Depends(context)]
 ReadyCtx = Annotated[AppContext, Depends(ready_context)]
 Caller = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
+MetricsReader = Annotated[Principal, Depends(metrics_reader)]

@@ -27,6 +27,9 @@ from .adapter_registry import AdapterRegistry
 from .adapter_slots import SlotTable
 from .detokenize import TextStream
 from .protocol import (
+    DEFAULT_MAX_LOADED,
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
     ContextTooLong,
     EngineError,
     EngineNotReady,
@@ -56,6 +59,7 @@ class EngineConfig:
     dtype: torch.dtype | None = None  # None: float32 on the CPU, float16 on CUDA
     packed_decode: bool = True  # CPU: the 4-bit kernel for decode steps (kernels.cpu_ops)
     resident_dense: bool = False  # CPU: keep a dequantized fp32 copy of every layer for prefill
+    max_loaded_adapters: int = DEFAULT_MAX_LOADED  # in host memory; least recently used go
 
     @property
     def slots(self) -> int:
@@ -113,8 +117,9 @@ class Engine:
         self.cache = KVCache(runtime.cache_shape(config.max_batch))
         self.slots = SlotTable(runtime.targets, config.slots)
         self.adapters = AdapterRegistry(
-            adapters_dir, fingerprint, adapter_shapes(runtime.targets), model_name, observer
-        )
+            adapters_dir, fingerprint, adapter_shapes(runtime.targets), model_name, observer,
+            config.max_loaded_adapters,
+        )  # fmt: skip
         sched = SchedulerConfig(config.max_batch, config.max_queue, config.prefill_chunk)
         self.scheduler = Scheduler(
             runtime, self.cache, self.slots, tokenizer, eos, sched, observer, config.device
@@ -194,6 +199,10 @@ class Engine:
         running = self._running.is_set() and not self._stopping.is_set()
         return self._ready.is_set() and running
 
+    @property
+    def max_queue(self) -> int:
+        return self.config.max_queue
+
     def set_observer(self, observer: EngineObserver | None) -> None:
         """Attach the metrics hooks after construction (the app may build them later)."""
         self.scheduler.observer = observer
@@ -209,10 +218,9 @@ class Engine:
         if not self.ready():
             raise EngineNotReady("the model is not loaded yet")
         self.check_request(request)
-        handle = self.adapters.handle(request.adapter)
         if self.scheduler.queued >= self.config.max_queue:
             raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests)")
-        return self._stream(request, handle)
+        return self._stream(request, request.adapter)
 
     def check_request(self, request: GenerationRequest) -> None:
         p, ids = request.params, request.prompt_ids
@@ -240,6 +248,7 @@ class Engine:
         text = TextStream(self.tokenizer, request.prompt_ids, request.params.stop)
         seq = Sequence(request, handle, sink, text)
         self.scheduler.submit(seq)
+        self.adapters.pin(handle)  # not evicted from host memory while this request runs
         try:
             while True:
                 event = await events.get()
@@ -250,6 +259,7 @@ class Engine:
                 yield event
         finally:
             seq.cancel()  # a no-op once finished; otherwise frees the row at the next step
+            self.adapters.unpin(handle)
 
     # model thread -----------------------------------------------------------------------
     def _run(self) -> None:
@@ -287,7 +297,11 @@ def check_params(p) -> None:
     """InvalidRequest naming the first sampling value out of range."""
     problems = [
         (p.max_tokens < 0, f"max_tokens must be >= 0, got {p.max_tokens}"),
-        (p.temperature < 0, f"temperature must be >= 0, got {p.temperature}"),
+        (
+            p.temperature != 0 and not MIN_TEMPERATURE <= p.temperature <= MAX_TEMPERATURE,
+            f"temperature must be 0 or lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+            f"got {p.temperature}",
+        ),
         (not 0 < p.top_p <= 1, f"top_p must lie in (0, 1], got {p.top_p}"),
         (p.top_k < 0, f"top_k must be >= 0, got {p.top_k}"),
         (

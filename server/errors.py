@@ -76,10 +76,14 @@ def from_engine_error(e: p.EngineError, retry_after_s: int = 1) -> ApiError:
         return ApiError(400, msg, "invalid_adapter_name", "name")
     if isinstance(e, p.AdapterNotFound):
         return ApiError(404, msg, "adapter_not_found", "name")
+    if isinstance(e, p.AdapterBaseMismatch):
+        return ApiError(409, msg, "adapter_fingerprint_mismatch")
     if isinstance(e, p.AdapterConflict):
-        return ApiError(409, msg, "adapter_fingerprint_mismatch", "name")
+        return ApiError(409, msg, "adapter_refused")
     if isinstance(e, p.InvalidRequest):
         return ApiError(400, msg, "invalid_value")
+    if isinstance(e, p.GenerationFailed):
+        return ApiError(500, msg, "generation_failed")
     if isinstance(e, p.EngineNotReady):
         return ApiError(503, msg, "not_ready", headers={"Retry-After": str(retry_after_s)})
     log.error("unmapped engine error %s: %s", type(e).__name__, msg)
@@ -125,7 +129,10 @@ def install_error_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
         errors = e.errors()
-        first = errors[0] if errors else {}
+        # a validator's own message (e.g. a lone surrogate) says more than a union's type misses
+        first = next(
+            (x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {}
+        )
         if first.get("type") == "json_invalid":
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
             return error_response(ApiError(400, message.rstrip(": "), "invalid_json"))

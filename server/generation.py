@@ -25,23 +25,21 @@ ADAPTER_HEADER = "x-owq-adapter"
 
 @dataclass(frozen=True)
 class Target:
-    """What a request runs on: `adapter` None = the base; `name` is echoed as `model`."""
+    """What a request runs on: `adapter` a registry handle (None = the base); `name` is echoed
+    as `model` and labels the metrics."""
 
-    adapter: str | None
+    adapter: object | None
     name: str
 
 
-def resolve_target(engine: p.Engine, who: Principal, model: str | None, header: str | None):
-    """The header wins over the `model` field; both name the base or a loaded adapter."""
-    requested = (header or "").strip() or (model or "").strip() or engine.model_name
-    adapter = None if requested == engine.model_name else requested
+async def resolve_target(engine: p.Engine, who: Principal, model: str | None, header: str | None):
+    """The header wins over the `model` field; the registry says which name is the base, and
+    resolves an adapter once into the handle the request keeps (loading it on demand)."""
+    adapter = engine.adapters.adapter_name((header or "").strip() or model)
+    name = adapter or engine.model_name
     if not who.may_use(adapter):
-        raise ApiError(403, f"this API key may not use model {requested!r}", "model_not_allowed")
-    if adapter is not None and adapter not in {a.name for a in engine.adapters.loaded()}:
-        raise ApiError(
-            404, f"model {requested!r} does not exist or is not loaded", "model_not_found", "model"
-        )
-    return Target(adapter, requested)
+        raise ApiError(403, f"this API key may not use model {p.shown(name)}", "model_not_allowed")
+    return Target(await engine.adapters.resolve(adapter), name)
 
 
 @dataclass
@@ -155,8 +153,21 @@ async def close_all(choices: list[Choice]) -> None:
                 await c.events.aclose()
 
 
+def check_fits_queue(engine: p.Engine, choices: list[Choice]) -> None:
+    """A request whose choices could never all wait in the queue is a 400, not a 429."""
+    if len(choices) > engine.max_queue:
+        raise ApiError(
+            400,
+            f"this request asks for {len(choices)} choices (n x prompts), more than this "
+            f"server's queue holds ({engine.max_queue}, --max-queue): send fewer at a time",
+            "too_many_choices",
+            "n",
+        )
+
+
 async def open_choices(engine: p.Engine, choices: list[Choice]) -> None:
     """Start every choice and wait for its first event; on any error close all and raise it."""
+    check_fits_queue(engine, choices)
     try:
         opening = (_open(engine, c) for c in choices)
         results = await asyncio.gather(*opening, return_exceptions=True)
@@ -242,6 +253,13 @@ def sampling_params(body, max_tokens: int, logprobs: int | None, echo: bool) -> 
         logprobs=logprobs,
         echo=echo,
     )
+
+
+def max_new_tokens(requested: int | None, prompt_len: int, max_context: int, default: int) -> int:
+    """`requested`, else the server's default, capped by the room the context leaves."""
+    if requested is not None:
+        return requested
+    return min(default, max(max_context - prompt_len, 1))
 
 
 def check_limits(n: int, logprobs: int | None, max_n: int, max_logprobs: int, lp_name: str):

@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: a request-body size limit (413) and per-request status metrics.
+"""Pure ASGI middleware: API keys (401), a request-body size limit (413), per-request metrics.
 
-`BodyLimit` reads at most `max_body_bytes` of a request body (rejecting early on a large
-Content-Length) and replays it to the app, so nothing downstream sees an oversized body.
+`Authenticate` checks the bearer key of every route but the open ones (`OPEN_PATHS`) before a
+byte of the body is read, and leaves the caller's `Principal` in the request state. `BodyLimit`
+reads at most `max_body_bytes` of a request body (rejecting early on a large Content-Length)
+and replays it to the app, so nothing downstream sees an oversized body.
 `RequestMetrics` counts each generation request by adapter and status when its response starts
 (the route names the adapter on `request.state.adapter_label`; "-" before it is known).
 `InternalErrors` turns an unexpected exception into one logged traceback and a 500.
@@ -12,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 
+from .auth import KeyTable, bearer_token
 from .errors import error_body
 from .metrics import UNKNOWN, ServerMetrics
 
 log = logging.getLogger(__name__)
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+OPEN_PATHS = ("/health", "/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 
 
 async def _send_json(send, status: int, body: dict) -> None:
@@ -28,6 +32,33 @@ async def _send_json(send, status: int, body: dict) -> None:
 
 def _too_large(limit: int) -> dict:
     return error_body(413, f"request body exceeds {limit} bytes", "request_too_large")
+
+
+def _header(scope, name: bytes) -> str | None:
+    value = dict(scope["headers"]).get(name)
+    return value.decode("latin-1") if value is not None else None
+
+
+class Authenticate:
+    """401 for a missing or unknown key on every route but OPEN_PATHS (none without keys)."""
+
+    def __init__(self, app, keys: KeyTable | None):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.keys is None or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        token = bearer_token(_header(scope, b"authorization"))
+        if token is None:
+            message, code = "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key"
+            return await _send_json(send, 401, error_body(401, message, code))
+        who = self.keys.lookup(token)
+        if who is None:
+            return await _send_json(
+                send, 401, error_body(401, "invalid API key", "invalid_api_key")
+            )
+        scope.setdefault("state", {})["principal"] = who
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

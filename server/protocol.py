@@ -10,6 +10,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+SHOWN_CHARS = 64
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a name, never a path
+DEFAULT_MAX_TOKENS = 256  # a chat or completion request without max_tokens (--default-max-tokens)
+DEFAULT_MAX_LOADED = 64  # adapters in host memory at once (--max-loaded-adapters)
+
+
+def shown(name: object) -> str:
+    """A client's string for a message: its repr, cut to SHOWN_CHARS characters."""
+    text = repr(name)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    return f"{text[:SHOWN_CHARS]}... ({len(str(name))} characters)"
+
+
+MIN_TEMPERATURE = 0.01  # below it (but > 0) logits / T overflow: refused, 0 means greedy
+MAX_TEMPERATURE = 2.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,7 +45,7 @@ class GenerationRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    adapter: str | None = None  # None or the base's own name = the base
+    adapter: object | None = None  # a handle from AdapterManager.resolve/current; None = base
 
 
 @dataclass
@@ -61,6 +78,17 @@ class AdapterInfo:
     config: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class AdapterState:
+    """An adapter of the adapters dir: "loaded", "loadable" (on the first request naming it),
+    or "refused" with the reason and its fix in `error`."""
+
+    name: str
+    status: str
+    info: AdapterInfo | None = None
+    error: str | None = None
+
+
 class EngineError(Exception):
     """Base of the errors the API maps to HTTP statuses."""
 
@@ -85,7 +113,11 @@ class AdapterNotFound(EngineError):  # 404: no such adapter in --adapters DIR
     pass
 
 
-class AdapterConflict(EngineError):  # 409: fingerprint mismatch (message names both)
+class AdapterConflict(EngineError):  # 409: refused (other base, bad shape, NaN), with the fix
+    pass
+
+
+class AdapterBaseMismatch(AdapterConflict):  # 409: tuned on another base (names both)
     pass
 
 
@@ -97,6 +129,10 @@ class InvalidRequest(EngineError):  # 400: empty prompt, token id outside the vo
     pass
 
 
+class GenerationFailed(EngineError):  # 500 for this request only (non-finite logits, no draw)
+    pass
+
+
 class EngineObserver(Protocol):
     """Hooks the engine calls so the API can export Prometheus metrics."""
 
@@ -105,15 +141,21 @@ class EngineObserver(Protocol):
 
 
 class AdapterManager(Protocol):
+    max_loaded: int  # adapters held in host memory at once
+
+    def adapter_name(self, requested: str | None) -> str | None: ...  # None = the base
     def available(self) -> list[str]: ...  # adapter names found in the adapters dir
     def loaded(self) -> list[AdapterInfo]: ...
+    def states(self) -> list[AdapterState]: ...  # loaded, loadable or refused (with why)
     async def load(self, name: str) -> AdapterInfo: ...  # replaces a loaded one of that name
     async def unload(self, name: str) -> None: ...
+    async def resolve(self, name: str | None) -> object | None: ...  # handle, loads on demand
 
 
 class Engine(Protocol):
     model_name: str  # the base's public name (what /v1/models lists first)
     max_context: int
+    max_queue: int  # requests that may wait at once (a request with more choices is refused)
     tokenizer: object  # a transformers tokenizer (chat template lives there)
     adapters: AdapterManager
 
@@ -122,6 +164,6 @@ class Engine(Protocol):
     def ready(self) -> bool: ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[PromptLogprobs | TokenOutput]:
-        """Raises QueueFull / ContextTooLong / AdapterNotLoaded before the first event. Closing the
+        """Raises QueueFull / ContextTooLong / InvalidRequest before the first event. Closing the
         iterator early (client gone) frees the request's slot at the next step."""
         ...

@@ -1,67 +1,88 @@
-"""`GET /v1/models` (filtered per key) and the adapter admin routes `GET/POST/DELETE /v1/adapters`.
+"""`GET /v1/models[/{id}]` (filtered per key) and the admin routes `GET/POST/DELETE /v1/adapters`.
 
-Adapters are named, never addressed by path: the engine's registry refuses anything that is not
-a plain name, or a symlink out of the adapters dir (InvalidAdapterName -> 400).
-The admin routes need an admin key when keys are configured.
+Models are the base and every adapter a caller may use, loaded or loadable (loaded by the first
+request naming it). Adapters are named, never addressed by path: the engine's registry refuses
+anything that is not a plain name, or a symlink out of the adapters dir (InvalidAdapterName ->
+400). The admin routes need an admin key when keys are configured; `GET /v1/adapters` says why
+a refused adapter cannot be used.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path
 
+from . import protocol as p
 from .deps import Admin, Caller, Ctx, ReadyCtx
-from .schemas import AdapterCard, LoadAdapterRequest, ModelCard, ModelList
+from .errors import ApiError
+from .openapi import responses
+from .schemas import (
+    AdapterCard,
+    AdapterDeleted,
+    AdapterList,
+    LoadAdapterRequest,
+    ModelCard,
+    ModelList,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 
-@router.get("/v1/models")
-async def models(ctx: Ctx, who: Caller) -> ModelList:
+def model_cards(ctx, who) -> list[ModelCard]:
     engine, created = ctx.engine, ctx.created
     cards = []
     if who.may_use(None):
         cards.append(ModelCard(id=engine.model_name, created=created))
-    for info in engine.adapters.loaded():
-        if who.may_use(info.name):
-            cards.append(ModelCard(id=info.name, created=created, parent=engine.model_name))
-    return ModelList(data=cards)
+    for state in engine.adapters.states():
+        if state.status != "refused" and who.may_use(state.name):
+            card = ModelCard(id=state.name, created=created, parent=engine.model_name)
+            cards.append(card.model_copy(update={"status": state.status}))
+    return cards
 
 
-@router.get("/v1/adapters")
-async def list_adapters(ctx: Ctx, _: Admin) -> dict:
-    loaded = {a.name: a for a in ctx.engine.adapters.loaded()}
-    names = sorted(set(ctx.engine.adapters.available()) | set(loaded))
-    cards = [_card(name, loaded.get(name)) for name in names]
-    return {"object": "list", "data": [c.model_dump() for c in cards]}
+@router.get("/v1/models", responses=responses(401))
+async def models(ctx: Ctx, who: Caller) -> ModelList:
+    return ModelList(data=model_cards(ctx, who))
 
 
-def _card(name: str, info) -> AdapterCard:
-    if info is None:
-        return AdapterCard(name=name, loaded=False)
-    return AdapterCard(
-        name=name,
-        loaded=True,
-        base_fingerprint=info.base_fingerprint,
-        num_bytes=info.num_bytes,
-        load_seconds=info.load_seconds,
+@router.get("/v1/models/{model_id}", responses=responses(401, 404))
+async def model(model_id: str, ctx: Ctx, who: Caller) -> ModelCard:
+    for card in model_cards(ctx, who):
+        if card.id == model_id:
+            return card
+    raise ApiError(404, f"model {p.shown(model_id)} does not exist", "model_not_found", "model")
+
+
+@router.get("/v1/adapters", responses=responses(401, 403))
+async def list_adapters(ctx: Ctx, _: Admin) -> AdapterList:
+    return AdapterList(data=[_card(s) for s in ctx.engine.adapters.states()])
+
+
+def _card(state: p.AdapterState) -> AdapterCard:
+    card = AdapterCard(
+        name=state.name, loaded=state.status == "loaded", status=state.status, error=state.error
     )
+    if state.info is not None:
+        info = state.info
+        card.base_fingerprint, card.num_bytes = info.base_fingerprint, info.num_bytes
+        card.load_seconds = info.load_seconds
+    return card
 
 
-@router.post("/v1/adapters")
+@router.post("/v1/adapters", responses=responses(400, 401, 403, 404, 409, 413, 503))
 async def load_adapter(body: LoadAdapterRequest, ctx: ReadyCtx, _: Admin) -> AdapterCard:
-    name = body.name
-    info = await ctx.engine.adapters.load(name)  # InvalidAdapterName (a path) -> 400
-    ctx.metrics.adapters_loaded.set(len(ctx.engine.adapters.loaded()))
-    log.info("adapter %s loaded in %.3f s", name, info.load_seconds)
-    return _card(info.name, info)
+    info = await ctx.engine.adapters.load(body.name)  # InvalidAdapterName (a path) -> 400
+    log.info("adapter %s loaded in %.3f s", info.name, info.load_seconds)
+    return _card(p.AdapterState(info.name, "loaded", info))
 
 
-@router.delete("/v1/adapters/{name}")
-async def unload_adapter(name: str, ctx: ReadyCtx, _: Admin) -> dict:
+@router.delete("/v1/adapters/{name}", responses=responses(400, 401, 403, 404, 503))
+async def unload_adapter(
+    name: Annotated[str, Path(pattern=p.ADAPTER_NAME_PATTERN)], ctx: ReadyCtx, _: Admin
+) -> AdapterDeleted:
     await ctx.engine.adapters.unload(name)
-    ctx.metrics.adapters_loaded.set(len(ctx.engine.adapters.loaded()))
     log.info("adapter %s unloaded", name)
-    return {"name": name, "object": "adapter", "deleted": True}
+    return AdapterDeleted(name=name)

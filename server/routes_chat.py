@@ -25,6 +25,7 @@ from .generation import (
     collect,
     finish,
     make_choices,
+    max_new_tokens,
     merge,
     new_id,
     now_s,
@@ -35,6 +36,7 @@ from .generation import (
     token_text,
     unless_disconnected,
 )
+from .openapi import GENERATION, responses, streamed
 from .schemas import (
     AssistantMessage,
     ChatChoice,
@@ -95,23 +97,23 @@ def usage(choices: list[Choice]) -> Usage:
     )
 
 
-def max_new_tokens(body: ChatCompletionRequest, prompt_len: int, max_context: int) -> int:
-    requested = body.max_completion_tokens or body.max_tokens
-    if requested is not None:
-        return requested
-    return max(max_context - prompt_len, 1)
-
-
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    response_model=None,
+    responses={**streamed(ChatCompletionResponse, ChatCompletionChunk), **responses(*GENERATION)},
+)
 async def chat(body: ChatCompletionRequest, request: Request, who: Caller, ctx: ReadyCtx):
     start = time.perf_counter()
     engine, settings = ctx.engine, ctx.settings
     top = body.top_logprobs if body.top_logprobs is not None else 0
     check_limits(body.n, top, settings.max_n, settings.max_logprobs, "top_logprobs")
-    target = resolve_target(engine, who, body.model, request.headers.get(ADAPTER_HEADER))
+    target = await resolve_target(engine, who, body.model, request.headers.get(ADAPTER_HEADER))
     request.state.adapter_label = target.name
     prompt = render_prompt(engine.tokenizer, body)
-    max_tokens = max_new_tokens(body, len(prompt.ids), engine.max_context)
+    requested = body.max_completion_tokens or body.max_tokens
+    max_tokens = max_new_tokens(
+        requested, len(prompt.ids), engine.max_context, settings.default_max_tokens
+    )
     params = sampling_params(body, max_tokens, top if body.logprobs else None, False)
     rid = new_id("chatcmpl")
     choices = make_choices([prompt], body.n, params, target, rid, ctx.metrics, target.name, start)

@@ -26,6 +26,7 @@ from .generation import (
     encode_prompts,
     finish,
     make_choices,
+    max_new_tokens,
     merge,
     new_id,
     now_s,
@@ -36,11 +37,11 @@ from .generation import (
     token_text,
     unless_disconnected,
 )
+from .openapi import GENERATION, responses, streamed
 from .schemas import CompletionChoice, CompletionRequest, CompletionResponse, LegacyLogprobs, Usage
 from .streaming import stream_events
 
 router = APIRouter()
-DEFAULT_MAX_TOKENS = 16
 
 
 class Offsets:
@@ -107,19 +108,26 @@ def usage(choices: list[Choice], n: int) -> Usage:
     )
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    response_model=None,
+    responses={**streamed(CompletionResponse, CompletionResponse), **responses(*GENERATION)},
+)
 async def completions(body: CompletionRequest, request: Request, who: Caller, ctx: ReadyCtx):
     start = time.perf_counter()
     engine, settings = ctx.engine, ctx.settings
     check_limits(body.n, body.logprobs, settings.max_n, settings.max_logprobs, "logprobs")
-    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-    if max_tokens == 0 and not body.echo:
+    if body.max_tokens == 0 and not body.echo:
         raise ApiError(
-            400, "max_tokens 0 needs echo (scoring the prompt)", "invalid_value", "max_tokens"
+            400, "max_tokens 0 needs echo (scoring the prompt)", "echo_required", "max_tokens"
         )
-    target = resolve_target(engine, who, body.model, request.headers.get(ADAPTER_HEADER))
+    target = await resolve_target(engine, who, body.model, request.headers.get(ADAPTER_HEADER))
     request.state.adapter_label = target.name
     prompts = encode_prompts(engine.tokenizer, body.prompt, settings.max_prompts)
+    longest = max(len(pr.ids) for pr in prompts)
+    max_tokens = max_new_tokens(
+        body.max_tokens, longest, engine.max_context, settings.default_max_tokens
+    )
     params = sampling_params(body, max_tokens, body.logprobs, body.echo)
     rid = new_id("cmpl")
     choices = make_choices(prompts, body.n, params, target, rid, ctx.metrics, target.name, start)

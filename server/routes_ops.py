@@ -1,21 +1,25 @@
-"""Operations routes, open to all: `/health` (process alive), `/ready`, `/metrics` (Prometheus)."""
+"""Operations routes: `/health` (process alive) and `/ready`, open to all; `/metrics` (Prometheus
+text), which needs an admin or metrics key when keys are configured (it names tenants' adapters).
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from .deps import Ctx
+from .deps import Ctx, MetricsReader
+from .openapi import responses
+from .schemas import HealthStatus, ReadyStatus
 
 router = APIRouter()
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health() -> HealthStatus:
+    return HealthStatus(status="ok")
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=ReadyStatus, responses={503: {"model": ReadyStatus}})
 async def ready(ctx: Ctx):
     if ctx.draining:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
@@ -24,8 +28,15 @@ async def ready(ctx: Ctx):
     return {"status": "ready", "model": ctx.engine.model_name}
 
 
-@router.get("/metrics")
-async def metrics(ctx: Ctx) -> Response:
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+        **responses(401, 403),
+    },
+)
+async def metrics(ctx: Ctx, _: MetricsReader) -> Response:
     ctx.metrics.adapters_loaded.set(len(ctx.engine.adapters.loaded()))
     body, content_type = ctx.metrics.render()
     return Response(body, media_type=content_type)

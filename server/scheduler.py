@@ -24,13 +24,14 @@ import torch
 from .adapter_registry import AdapterHandle
 from .adapter_slots import SlotTable
 from .detokenize import TextStream
-from .protocol import GenerationRequest, PromptLogprobs, QueueFull, TokenOutput
+from .protocol import GenerationFailed, GenerationRequest, PromptLogprobs, QueueFull, TokenOutput
 from .runtime import KVCache, step_index
-from .runtime.sampling import RowSampling, make_generator, sample_rows, token_logprobs
+from .runtime.sampling import RowSampling, make_generator, sample_row, token_logprobs
 
 log = logging.getLogger(__name__)
 
 Event = PromptLogprobs | TokenOutput | Exception | None  # None = end of stream
+NON_FINITE = "the model produced non-finite logits (NaN or inf) for this request"
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Sequence:
         self.prompt_top: list[dict[str, float] | None] = [None]
         self.cancelled = False  # set from the consumer's thread
         self.done = False
+        self.poisoned = False  # failed on non-finite values: its cache row is zeroed on leaving
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -143,6 +145,9 @@ class Scheduler:
                 self.slots.release(seq.slot)
                 seq.slot = -1
             seq.sink(error)
+        if victims:  # the failed step may have left anything in the cache
+            for row in range(self.cache.shape.rows):
+                self._zero_row(row)
 
     # queue ------------------------------------------------------------------------------
     def _take(self, item) -> None:
@@ -202,12 +207,19 @@ class Scheduler:
         for i in reversed(range(len(self.running))):
             if not leaving(self.running[i]):
                 continue
+            if self.running[i].poisoned:
+                self._zero_row(i)
             self._finish(self.running[i])
             last = self.running.pop()
             if i < len(self.running):
                 self.cache.move_row(len(self.running), i, last.cached)
                 last.row = i
                 self.running[i] = last
+
+    def _zero_row(self, row: int) -> None:
+        for k, v in zip(self.cache.k, self.cache.v, strict=True):
+            k[row].zero_()
+            v[row].zero_()
 
     def _finish(self, seq: Sequence) -> None:
         if seq.slot >= 0:
@@ -243,6 +255,11 @@ class Scheduler:
                 group[0], logits[0], group[0].cached - len(chunks[0]), group[0].cached
             )
             logits = logits[:, -1]
+            if group[0].done:  # its prompt gave non-finite logits
+                self._zero_row(group[0].row)
+                self._finish(group[0])
+                self.prefilling = []
+                return
         if group[0].cached < len(group[0].prompt):
             return  # a long prompt: more chunks next step
         self.prefilling = []
@@ -283,19 +300,44 @@ class Scheduler:
 
     # outputs ----------------------------------------------------------------------------
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """logits: [B, V] for the next token of each of `seqs`."""
-        chosen = sample_rows(logits, [s.sampling for s in seqs], [s.generator for s in seqs])
-        wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        """logits: [B, V] for the next token of each of `seqs`. A row whose logits are not
+        finite, or whose draw fails, ends alone with GenerationFailed; the others go on."""
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        chosen = torch.argmax(logits, dim=-1).tolist()
+        for i, seq in enumerate(seqs):
+            if not finite[i]:
+                self._fail(seq, GenerationFailed(NON_FINITE))
+            elif seq.sampling.temperature > 0.0:
+                chosen[i] = self._draw(seq, logits[i])
+        live = [i for i, seq in enumerate(seqs) if not seq.done]
+        wanted = [seqs[i].params.logprobs for i in live if seqs[i].params.logprobs is not None]
         lp = None
         if wanted:
-            lp = token_logprobs(logits, torch.tensor(chosen, device=logits.device), max(wanted))
-        for i, seq in enumerate(seqs):
-            n = seq.params.logprobs
+            rows = torch.tensor(live, device=logits.device)
+            picked = torch.tensor([chosen[i] for i in live], device=logits.device)
+            lp = token_logprobs(logits[rows], picked, max(wanted))
+        for j, i in enumerate(live):
+            seq, n = seqs[i], seqs[i].params.logprobs
             if n is None or lp is None:
                 self._append(seq, chosen[i], None, None)
                 continue
-            top = self._top_dict(lp.top_ids[i][:n], lp.top_values[i][:n])
-            self._append(seq, chosen[i], lp.chosen[i], top)
+            top = self._top_dict(lp.top_ids[j][:n], lp.top_values[j][:n])
+            self._append(seq, chosen[i], lp.chosen[j], top)
+
+    def _draw(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """One sampled token of `seq` from its own generator; -1 after failing it alone."""
+        try:
+            return sample_row(logits, seq.sampling, seq.generator)
+        except (ValueError, RuntimeError) as e:
+            log.warning("request %s: sampling failed: %s", seq.request.request_id, e)
+            self._fail(seq, GenerationFailed(f"sampling failed for this request: {e}"))
+            return -1
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """End `seq` alone with `error`; its cache row is zeroed when it leaves (a NaN left in
+        it would reach the next occupant through attention, even masked: 0 * NaN = NaN)."""
+        seq.sink(error)
+        seq.done = seq.poisoned = True
 
     def _append(self, seq: Sequence, token: int, logprob, top) -> None:
         seq.tokens.append(token)
@@ -321,6 +363,9 @@ class Scheduler:
         """logits: [T, V] of prompt positions start..end-1, each predicting the next token."""
         stop = min(end, len(seq.prompt) - 1)
         if stop <= start:
+            return
+        if not bool(torch.isfinite(logits[: stop - start]).all()):
+            self._fail(seq, GenerationFailed(NON_FINITE))
             return
         targets = torch.tensor(seq.prompt[start + 1 : stop + 1], device=logits.device)
         lp = token_logprobs(logits[: stop - start], targets, seq.params.logprobs or 0)

@@ -147,12 +147,14 @@ def started_engine(ckpt: Path, adapters: Path | None = None, observer=None, **kw
 
 
 def request(engine, text: str, adapter: str | None = None, rid: str = "r", **params):
-    """A GenerationRequest for `text` (greedy unless temperature is given)."""
+    """A GenerationRequest for `text` (greedy unless temperature is given) on the loaded
+    version of `adapter` (a name; None or the base's name = the base; AdapterNotLoaded else)."""
     from owq.server.protocol import GenerationRequest, SamplingParams
 
     params.setdefault("temperature", 0.0)
     ids = tuple(engine.tokenizer(text)["input_ids"])
-    return GenerationRequest(rid, ids, SamplingParams(**params), adapter)
+    handle = engine.adapters.current(engine.adapters.adapter_name(adapter))
+    return GenerationRequest(rid, ids, SamplingParams(**params), handle)
 
 
 async def collect(engine, req, on_event=None) -> list:

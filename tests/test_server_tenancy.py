@@ -1,19 +1,26 @@
-"""End-to-end tenancy: API keys from an `--api-keys` file, 401 without/unknown key, 403 for a
-model or admin route the key may not use, /v1/models filtered per key, ops routes open.
+"""End-to-end tenancy: API keys from an `--api-keys` file, 401 without/unknown key (before the
+body is read), 403 for a model or admin route the key may not use, /v1/models filtered per key,
+/health and /ready open, /metrics for admin and metrics keys only, key-file errors name the
+entry's position and never the key.
 """
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import openai
 import pytest
 from test_server_harness import LiveServer, make_app, openai_error, tiny_assets
 
+from owq.server.auth import KeyFileError, KeyTable
+
 KEYS = {
     "keys": {
         "sk-a": {"adapters": ["adapter-0"]},
         "sk-b": {"adapters": ["*"], "base": False},
         "sk-ops": {"admin": True},
+        "sk-scrape": {"metrics": True, "base": False},
     }
 }
 
@@ -53,6 +60,7 @@ def test_models_are_filtered_per_key(server, base):
     assert [m.id for m in client(server, "sk-b").models.list().data] == ["adapter-0", "adapter-1"]
     all_ids = [m.id for m in client(server, "sk-ops").models.list().data]
     assert all_ids == [base, "adapter-0", "adapter-1"]
+    assert client(server, "sk-scrape").models.list().data == []
 
 
 def test_disallowed_adapter_is_403_by_model_and_by_header(server, base):
@@ -85,6 +93,36 @@ def test_admin_routes_need_an_admin_key(server):
     assert r.status_code == 200, r.text
 
 
-def test_ops_routes_are_open(server):
-    for path in ("/health", "/ready", "/metrics"):
+def test_health_and_ready_are_open_metrics_needs_a_metrics_key(server):
+    for path in ("/health", "/ready"):
         assert httpx.get(f"{server.url}{path}").status_code == 200
+    url = f"{server.url}/metrics"
+    openai_error(httpx.get(url), 401)
+    assert openai_error(httpx.get(url, headers=auth("sk-a")), 403)["code"] == "metrics_key_required"
+    for key in ("sk-ops", "sk-scrape"):
+        r = httpx.get(url, headers=auth(key))
+        assert r.status_code == 200 and "owq_requests" in r.text
+        assert r.headers["content-type"].startswith("text/plain")
+    openai_error(httpx.post(f"{server.base_url}/completions", headers=auth("sk-scrape"),
+                            json={"prompt": "x", "max_tokens": 1}), 403)  # fmt: skip
+
+
+def test_unauthenticated_requests_get_401_before_the_body_is_read(server):
+    url = f"{server.base_url}/completions"
+    bad_json = {"content-type": "application/json"}
+    assert openai_error(httpx.post(url, content=b"{not json", headers=bad_json), 401)
+    huge = b"x" * (4 << 20)  # over the body limit, never read
+    assert openai_error(httpx.post(url, content=huge, headers=bad_json), 401)
+    r = httpx.post(url, content=b"{not json", headers={**bad_json, **auth("sk-a")})
+    assert openai_error(r, 400)["code"] == "invalid_json"
+
+
+def test_key_file_errors_name_the_entry_never_the_key(tmp_path):
+    secret = "sk-do-not-print-me"
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"keys": {"sk-a": {}, secret: {"admin": "yes", "extra": 1}}}))
+    with pytest.raises(KeyFileError) as err:
+        KeyTable.from_file(path)
+    message = str(err.value)
+    assert secret not in message
+    assert str(path) in message and "entry 2 of 2" in message

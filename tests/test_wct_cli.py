@@ -167,8 +167,15 @@ def test_mismatched_base_is_refused_naming_both(adapter_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert ours in err and theirs in err
-    assert main(["adapters", "inspect", str(adapter_dir), "--base", str(other)]) == 0
+    assert main(["adapters", "inspect", str(adapter_dir), "--base", str(other)]) == 1
     assert "DOES NOT fit" in capsys.readouterr().out
+    assert main(["adapters", "inspect", str(adapter_dir), "--base", str(other), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits_base"] is False
+
+
+def test_inspect_with_the_right_base_exits_zero(adapter_dir, checkpoint, capsys):
+    assert main(["adapters", "inspect", str(adapter_dir), "--base", str(checkpoint)]) == 0
+    assert "fits base" in capsys.readouterr().out
 
 
 def test_not_an_adapter_is_one_line(tmp_path, capsys):

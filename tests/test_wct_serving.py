@@ -105,7 +105,8 @@ def test_mixed_batch_slots_match_the_offline_models(checkpoint, tmp_path, scope,
 async def _engine_tokens(engine: Engine, ids: list[int], adapters: list[str | None]) -> list:
     async def one(index: int, adapter: str | None) -> list[int]:
         params = SamplingParams(max_tokens=8, temperature=0.0)
-        stream = engine.generate(GenerationRequest(f"r{index}", tuple(ids), params, adapter))
+        handle = await engine.adapters.resolve(engine.adapters.adapter_name(adapter))
+        stream = engine.generate(GenerationRequest(f"r{index}", tuple(ids), params, handle))
         return [e.token_id async for e in stream if isinstance(e, TokenOutput)]
 
     await engine.adapters.load("novels")
