@@ -2,23 +2,23 @@
 
 A `CpuPlan` is what a layer keeps on the CPU for one compute dtype: the codes repacked for
 torch's 4-bit weight-only kernel (`Int4Weight`, half a byte per weight) and, only when asked for
-(`resident=True`), a dequantized dense copy. The dense part takes one of two kernels by step:
+(`resident=True`), a dequantized dense copy. The dense part takes one of two kernels, by what
+the step may do (`fast`, the runtime's choice: every decode step, and every prefill that does
+not score its prompt's tokens):
 
-- decode steps (one token per row): the 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16
-  activations and scales, fp32 accumulation) for every layer of at most 4 bits whose input width
-  is a multiple of 32 and output a multiple of 16. The kernel computes (q − 8)·s + zero per
-  group. 2/3-bit codes are stored centred, q − z + 8, so its zero term is exactly 0 (a zero
-  point folded into its bf16 `zero` errs by up to 2^-9·8·s on every weight of a row alike: a
-  bias that cost 0.6% perplexity); 4-bit codes need all 16 values, so they stay as they are and
-  the zero term is added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin:
-  `int4_twin`.
-- prefill (always, also a one-token prompt, so prompt scoring equals the offline model) and
-  layers the 4-bit kernel cannot take: one fp32 GEMM on the dequantized weight, the resident copy
-  if the plan keeps one, else a transient one made for this call (twin: `reference.owq_matmul`).
+- fast: the 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16 activations and scales,
+  fp32 accumulation) for every layer of at most 4 bits whose input width is a multiple of 32 and
+  output a multiple of 16. The kernel computes (q − 8)·s + zero per group. 2/3-bit codes are
+  stored centred, q − z + 8, so its zero term is exactly 0 (a zero point folded into its bf16
+  `zero` errs by up to 2^-9·8·s on every weight of a row alike: a bias that cost 0.6%
+  perplexity); 4-bit codes need all 16 values, so they stay as they are and the zero term is
+  added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin: `int4_twin`.
+- exact (prompt scoring, or layers the 4-bit kernel cannot take): one fp32 GEMM on the
+  dequantized weight, the resident copy if the plan keeps one, else a transient one made for
+  this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
 
-The kernel depends on the step's kind, never on its size or on which other requests share it,
-so a request's tokens do not depend on its batch. Knows the packed layout; nothing about models,
-requests or adapters by name.
+A row's result depends on the step's kind, never on the step's size or on which other requests
+share it. Knows the packed layout; nothing about models, requests or adapters by name.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, decode: bool = False) -> torch.Tensor:
-    """x: [B, T, in] (or [M, in]) -> dense part [..., out]; the 4-bit kernel on decode steps."""
-    if decode and p.int4 is not None:
+def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False) -> torch.Tensor:
+    """x: [B, T, in] (or [M, in]) -> dense part [..., out]; the 4-bit kernel on fast steps."""
+    if fast and p.int4 is not None:
         return _int4(x.reshape(-1, x.shape[-1]), p.int4).view(*x.shape[:-1], -1)
     weight = p.weight  # transient when not resident: the same [out, in] layout, the same bits
     return F.linear(x, packed.dequantize(x.dtype).t().contiguous() if weight is None else weight)
@@ -170,10 +170,10 @@ def linear(
     weak: WeakColumns,
     bias: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
-    decode: bool = False,
+    fast: bool = False,
 ) -> torch.Tensor:
     """The CPU layer op: x [B, ..., in], slots [B] or None -> [B, ..., out] in x's dtype."""
-    y = dense(x, p, packed, decode)  # a fresh tensor: the rest adds into it in place
+    y = dense(x, p, packed, fast)  # a fresh tensor: the rest adds into it in place
     if bias is not None:
         y.add_(bias.to(x.dtype))
     if weak.k == 0:

@@ -324,10 +324,11 @@ class OWQLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def forward(
-        self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False
+        self, x: torch.Tensor, slots: torch.Tensor | None = None, fast: bool = False
     ) -> torch.Tensor:
         """x: [B, ..., in]; slots: int [B] adapter slot per leading row (None = slot 0);
-        decode: a decode step (one token per row), which may take a faster kernel."""
+        fast: the step may take the layer's fast kernel (on the CPU the 4-bit one, bf16
+        activations); off, the CPU computes in fp32 exactly as offline."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
         if self._needs_twin(x):
@@ -341,4 +342,4 @@ class OWQLinear(nn.Module):
             return reference.owq_matmul(x, self.packed, self.weak, self.bias, slots)
         if self.cpu is None or self.cpu.dtype != x.dtype:
             self.prepare(x.dtype)
-        return cpu_ops.linear(x, self.cpu, self.packed, self.weak, self.bias, slots, decode)
+        return cpu_ops.linear(x, self.cpu, self.packed, self.weak, self.bias, slots, fast)

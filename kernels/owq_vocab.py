@@ -83,7 +83,7 @@ class OWQVocab(OWQLinear):
             errors.append(f"{prefix}protected rows: not sorted unique rows of a table {shape}")
 
     def forward(
-        self, x: torch.Tensor, slots: torch.Tensor | None = None, decode: bool = False
+        self, x: torch.Tensor, slots: torch.Tensor | None = None, fast: bool = False
     ) -> torch.Tensor:
         """Logits x [..., D] -> [..., V] in x's dtype (slots: the head takes no adapters). Every
         step may take the fast kernel of the layer's plan, prefill too: the head's logits are

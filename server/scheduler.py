@@ -244,7 +244,10 @@ class Scheduler:
             tokens[i, : len(chunk)] = torch.tensor(chunk)
         starts = torch.tensor([[s.cached] for s in group])
         positions = (starts + torch.arange(t)).clamp(max=self.cache.shape.max_context - 1)
-        step = step_index(self.cache.shape, group[0].row, positions.to(self.device))
+        scored = any(_scored(s) for s in group)  # prompt logprobs: the exact fp32 path
+        step = step_index(
+            self.cache.shape, group[0].row, positions.to(self.device), fast=not scored
+        )
         which = self._which_logits(group, chunks)
         logits = self.runtime(tokens.to(self.device), step, self.cache,
                               self._slots_tensor(group), which)  # fmt: skip

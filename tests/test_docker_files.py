@@ -212,10 +212,16 @@ def test_compose_v2_merges_the_overrides(tmp_path):
     gpu = merged("docker/compose.gpu.yml")["owq"]
     assert gpu["build"]["dockerfile"] == "docker/Dockerfile" and gpu["image"] == "owq:cuda"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-    keys_file = tmp_path / "keys.json"
-    keys_file.write_text('{"keys": {"sk-ops": {"admin": true}}}')
-    keys = merged("docker/compose.keys.yml", env={"OWQ_API_KEYS": str(keys_file)})["owq"]
+    keys_file, scrape = tmp_path / "keys.json", tmp_path / "scrape.key"
+    keys_file.write_text('{"keys": {"sk-ops": {"admin": true}, "sk-scrape": {"metrics": true}}}')
+    scrape.write_text("sk-scrape")
+    env = {"OWQ_API_KEYS": str(keys_file), "OWQ_METRICS_KEY": str(scrape)}
+    services = merged("docker/compose.keys.yml", env=env)
+    keys = services["owq"]
     assert [p.get("host_ip") for p in keys["ports"]] == [None]  # every interface, keys on
     assert keys["command"][-2:] == ["--api-keys", "/run/secrets/owq_api_keys"]
+    prometheus = services["prometheus"]  # scrapes /metrics with its key
+    assert [s["source"] for s in prometheus["secrets"]] == ["owq_metrics_key"]
+    assert prometheus["volumes"][0]["source"].endswith("docker/prometheus.keys.yml")
     host = merged("docker/compose.host.yml")
     assert all(s["network_mode"] == "host" and not s.get("ports") for s in host.values())

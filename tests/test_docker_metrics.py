@@ -98,3 +98,19 @@ def test_board_uses_the_provisioned_datasource():
     assert all(t["datasource"]["uid"] == uid for p in panels for t in p["targets"])
     provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "owq.yml").read_text())
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_the_keys_variant_scrapes_with_its_metrics_key(tmp_path):
+    """With api keys the server's /metrics needs a key: the Prometheus config of
+    docker/compose.keys.yml sends the one in its secret file, and that key opens the page."""
+    keys = {"keys": {"sk-ops": {"admin": True}, "sk-scrape": {"metrics": True, "base": False}}}
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.keys.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["authorization"]["credentials_file"] == "/run/secrets/owq_metrics_key"
+    ckpt, adapters = tiny_assets(tmp_path, num_adapters=0)
+    with LiveServer(make_app(ckpt, adapters, keys=keys)) as server:
+        server.wait_ready()
+        url = server.url + job["metrics_path"]
+        assert httpx.get(url).status_code == 401
+        page = httpx.get(url, headers={"authorization": "Bearer sk-scrape"})
+    assert page.status_code == 200 and "owq_requests_total" in page.text

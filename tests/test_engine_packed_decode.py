@@ -61,7 +61,7 @@ def test_projection_equals_its_bf16_emulation(rows, group_size, bits):
         dense = int4_twin(x[:, 0], layer.packed)[:, None]
         weak = x[..., layer.outlier_idx.long()] @ layer.oweight.float()
         parts.append(dense + weak + layer.bias.float())
-    torch.testing.assert_close(proj(x, decode=True), torch.cat(parts, -1), rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(proj(x, fast=True), torch.cat(parts, -1), rtol=2**-8, atol=1e-5)
     exact = torch.cat([layer(x) for layer in layers], -1)
     torch.testing.assert_close(proj(x), exact, rtol=0, atol=1e-5)  # not a decode step: fp32
 

@@ -42,11 +42,11 @@ def test_the_int4_kernel_gives_a_row_the_same_bits_in_any_step():
     assert cpu.int4 is not None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, 1, layer.in_features, generator=gen)
-    alone = dense(x[:1], cpu, layer.packed, decode=True)[0]
+    alone = dense(x[:1], cpu, layer.packed, fast=True)[0]
     for rows in range(2, ROWS + 1):
         batch = x[:rows].clone()
         batch[rows - 1] = x[0]  # the same row, last in the step
-        out = dense(batch, cpu, layer.packed, decode=True)
+        out = dense(batch, cpu, layer.packed, fast=True)
         assert torch.equal(out[0], alone) and torch.equal(out[rows - 1], alone), rows
 
 

@@ -56,7 +56,7 @@ def test_decode_on_the_4bit_kernel_stays_close_to_the_table():
     exact = x @ reference_table(layer).t()
     layer.prepare(torch.float32, int4=True, resident=False)
     assert layer.cpu.int4 is not None and layer.cpu.weight is None  # low-bit bytes only
-    fast = layer(x, None, decode=True)
+    fast = layer(x, None, fast=True)
     assert 0 < float((fast - exact).abs().max()) <= 2e-2 * float(exact.abs().max())
     torch.testing.assert_close(layer(x), fast, rtol=0, atol=0)  # the head: prefill too
     layer.prepare(torch.float32, int4=False)

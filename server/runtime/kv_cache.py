@@ -37,6 +37,7 @@ class StepIndex:
     mask: torch.Tensor | None  # bool [B, 1, T, length]: True = attend; None = attend to all
     length: int
     decode: bool = False  # a decode step (one new token per running row), not a prefill
+    fast: bool = False  # the layers may take their fast kernels (not when prompts are scored)
 
     @property
     def rows(self) -> slice:
@@ -72,10 +73,15 @@ class KVCache:
 
 
 def step_index(
-    shape: CacheShape, row0: int, positions: torch.Tensor, decode: bool = False
+    shape: CacheShape,
+    row0: int,
+    positions: torch.Tensor,
+    decode: bool = False,
+    fast: bool | None = None,
 ) -> StepIndex:
     """positions: long [B, T], absolute position of each new token of rows row0 .. row0+B;
-    `decode`: the step extends running rows by one token (the kernels may differ from prefill)."""
+    `decode`: the step extends running rows by one token; `fast` (default: `decode`): the layers
+    may take their fast kernels, which a step that scores its prompt's tokens must not."""
     if decode and positions.shape[1] != 1:
         raise ValueError(f"a decode step has one token per row, got {positions.shape[1]}")
     batch, _ = positions.shape
@@ -88,7 +94,9 @@ def step_index(
     if not (decode and batch == 1):
         keys = torch.arange(length, device=positions.device)
         mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
-    return StepIndex(row0, positions, write_index, mask, length, decode)
+    return StepIndex(
+        row0, positions, write_index, mask, length, decode, decode if fast is None else fast
+    )
 
 
 def group_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 """Own forward pass for the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, RoPE,
 GQA, gated MLP, optional per-head q/k norms, tied or separate head; every projection an
-`OWQLinear` called as `layer(x, slots, decode)`, q/k/v and gate/up fused.
+`OWQLinear` called as `layer(x, slots, fast)`, q/k/v and gate/up fused.
 
 Built from a checkpoint's tensors (`Weights`) by the names of its `Family` entry; never builds or
 calls a transformers model. Knows nothing about requests, scheduling or the adapter registry.
@@ -85,14 +85,14 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        qk, v = self.qkv(h, slots, step.decode).split([self.qk_size, self.qkv_sizes[2]], dim=-1)
+        qk, v = self.qkv(h, slots, step.fast).split([self.qk_size, self.qkv_sizes[2]], dim=-1)
         q, k = self._qk(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), rope)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
-        x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.decode)
+        x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.fast)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        gate, up = self.gate_up(h, slots, step.decode).split(self.mlp_sizes, dim=-1)
-        return x + self.down(self.act(gate) * up, slots, step.decode)
+        gate, up = self.gate_up(h, slots, step.fast).split(self.mlp_sizes, dim=-1)
+        return x + self.down(self.act(gate) * up, slots, step.fast)
 
 
 class LlamaRuntime(Runtime):
@@ -122,4 +122,4 @@ class LlamaRuntime(Runtime):
         mask = group_mask(step.mask, self.args.heads // self.args.kv_heads)
         for block in self.blocks:
             x = block(x, rope, step, mask, cache, slots)
-        return self.vocab.logits(rms_norm(x, self.norm, self.args.eps), logits, step.decode)
+        return self.vocab.logits(rms_norm(x, self.norm, self.args.eps), logits, step.fast)

@@ -1,5 +1,5 @@
 """Own forward pass for OPT and GPT-2: LayerNorm, learned positions, GELU/ReLU MLP, tied head,
-every projection an `OWQLinear` called as `layer(x, slots, decode)` (q/k/v fused; GPT-2's c_attn
+every projection an `OWQLinear` called as `layer(x, slots, fast)` (q/k/v fused; GPT-2's c_attn
 is one stored layer already).
 
 What differs between the two is read from the config: pre- or post-norm (`do_layer_norm_before`),
@@ -80,15 +80,15 @@ class NormMLPBlock(nn.Module):
         b, t, _ = x.shape
         a = self.args
         h = layer_norm(x, *self.norm1, a.eps) if a.pre_norm else x
-        q, k, v = self.qkv(h, slots, step.decode).chunk(3, dim=-1)
+        q, k, v = self.qkv(h, slots, step.fast).chunk(3, dim=-1)
         cache.write(self.index, k, v.contiguous(), step)
         keys, values = cache.read(self.index, step)
         q = q.reshape(b, t, a.heads, a.head_dim)
-        x = x + self.out(attention(q, keys, values, mask, self.scale), slots, step.decode)
+        x = x + self.out(attention(q, keys, values, mask, self.scale), slots, step.fast)
         if not a.pre_norm:
             x = layer_norm(x, *self.norm1, a.eps)
         h = layer_norm(x, *self.norm2, a.eps) if a.pre_norm else x
-        x = x + self.fc2(self.act(self.fc1(h, slots, step.decode)), slots, step.decode)
+        x = x + self.fc2(self.act(self.fc1(h, slots, step.fast)), slots, step.fast)
         return x if a.pre_norm else layer_norm(x, *self.norm2, a.eps)
 
 
@@ -129,4 +129,4 @@ class NormMLPRuntime(Runtime):
             x = layer_norm(x, *self.final_norm, self.args.eps)
         if self.project_out is not None:
             x = x @ self.project_out.t()
-        return self.vocab.logits(x, logits, step.decode)
+        return self.vocab.logits(x, logits, step.fast)

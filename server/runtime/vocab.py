@@ -3,8 +3,8 @@
 A checkpoint may store the vocabulary table in fp16 (`<embed>.weight`, `<head>.weight`, or one
 tied table) or quantized (`kernels.owq_vocab`: `<head>.qweight` ... with protected rows, and for
 an untied model `<embed>.qweight` ...). Either way the runtime asks for `embed(ids)` and
-`logits(h, which, decode)`; a quantized head runs through the layer kernels (the 4-bit CPU kernel
-on decode steps) and a quantized embedding dequantizes only the rows looked up. Knows tensor
+`logits(h, which, fast)`; a quantized head runs through the layer kernels (the 4-bit CPU kernel
+on every step) and a quantized embedding dequantizes only the rows looked up. Knows tensor
 names and kernels; nothing about requests.
 """
 
@@ -51,7 +51,7 @@ class Vocab(nn.Module):
             return self.embedding[ids]
         return self.embedding(ids)
 
-    def logits(self, h: torch.Tensor, which, decode: bool = False) -> torch.Tensor | None:
+    def logits(self, h: torch.Tensor, which, fast: bool = False) -> torch.Tensor | None:
         """h: [B, T, D]. which = "all" -> [B, T, V], "last" -> [B, V], "none" -> None, or a long
         tensor [B] of each row's token index -> [B, V] (padded batches)."""
         if isinstance(which, torch.Tensor):
@@ -61,5 +61,5 @@ class Vocab(nn.Module):
         elif which == "last":
             h = h[:, -1]
         if isinstance(self.head, OWQVocab):
-            return self.head(h, None, decode)
+            return self.head(h, None, fast)
         return F.linear(h, self.head)
