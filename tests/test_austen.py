@@ -1,8 +1,12 @@
-"""The Austen extractor: six novels, each starting with its known first sentence, only text."""
+"""The Austen extractor: six novels, each starting with its known first sentence, only text.
+
+Reads the real corpus file (Debian's r-cran-janeaustenr, installed by scripts/setup.sh)."""
 
 import pytest
 
 from owq.builtin import corpus as austen
+
+pytestmark = pytest.mark.corpus
 
 FIRST_SENTENCES = {
     "sense_and_sensibility": "The family of Dashwood had long been settled in Sussex.",
