@@ -148,19 +148,22 @@ def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False)
 def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None) -> torch.Tensor:
     """x[..., idx] @ table[slot(row)] for x [B, T, in], slots long [B] or None (slot 0).
 
-    Rows of many slots run as one GEMM against the whole table seen as [(S+1)·k, out], each row's
-    gathered inputs placed at its own slot's k rows (zeros elsewhere). Twin:
+    Only the slots the batch uses are read (a step on one adapter costs what a step on the base
+    does): rows of several slots run as one GEMM against those slots' tables seen as [U·k, out],
+    each row's gathered inputs placed at its own slot's k rows (zeros elsewhere). Twin:
     `reference.weak_columns_product`."""
     table = weak.table if weak.table.dtype == x.dtype else weak.table.to(x.dtype)
     xk = x.index_select(-1, weak.idx.to(torch.long))  # [B, T, k]
     if slots is None:
         return xk @ table[0]
+    used, where = torch.unique(slots, return_inverse=True)
+    if used.numel() == 1:
+        return xk @ table[int(used[0])]
     b, t, k = xk.shape
-    if b == 1:
-        return (xk[0] @ table[int(slots[0])]).unsqueeze(0)
-    onehot = xk.new_zeros(b, t, table.shape[0], k)
-    onehot[torch.arange(b), :, slots] = xk
-    return (onehot.view(b * t, -1) @ table.view(-1, table.shape[-1])).view(b, t, -1)
+    onehot = xk.new_zeros(b, t, used.numel(), k)
+    onehot[torch.arange(b), :, where] = xk
+    tables = table.index_select(0, used)  # [U, k, out]
+    return (onehot.view(b * t, -1) @ tables.view(-1, table.shape[-1])).view(b, t, -1)
 
 
 def linear(

@@ -89,15 +89,18 @@ def add_parser(sub) -> None:
         "--cpu-decode",
         choices=("int4", "fp32"),
         default="int4",
-        help="CPU kernel for decode steps: the codes repacked for the 4-bit kernel with bf16 "
-        "activations (every layer of at most 4 bits), or the fp32 dense GEMM as offline "
-        "(`owq eval`, a resident fp32 copy); prefill is always fp32",
+        help="CPU kernel for prompts and decode steps: the codes repacked for the 4-bit kernel "
+        "with bf16 activations (every layer of at most 4 bits), or the fp32 dense GEMM as "
+        "offline (`owq eval`, a resident fp32 copy). Steps that score their prompt's tokens "
+        "(echo with logprobs) always run fp32. Seeded sampling gives the same tokens in any "
+        "batch on fp32; on int4 only for a request alone",
     )
     p.add_argument(
         "--resident-dense",
         action="store_true",
-        help="CPU: keep a dequantized fp32 copy of every layer for prefill (faster prompts, ~4x "
-        "the memory of the 4-bit codes); by default prefill dequantizes each layer per call",
+        help="CPU: keep a dequantized fp32 copy of every layer for the fp32 steps (prompt "
+        "scoring, --cpu-decode fp32; ~4x the memory of the 4-bit codes); by default such a step "
+        "dequantizes each layer per call",
     )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     p.add_argument(

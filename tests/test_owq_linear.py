@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from owq.kernels import OWQLinear
-from owq.kernels.cpu_ops import layer_codes
-from owq.kernels.reference import owq_matmul
+from owq.kernels.cpu_ops import layer_codes, weak_product
+from owq.kernels.reference import owq_matmul, weak_columns_product
+from owq.kernels.types import WeakColumns
 
 IN, OUT = 128, 48
 
@@ -88,6 +89,20 @@ def test_mixed_slots_equal_each_row_alone():
     # slot 0 is the base's own columns; a different slot really changes the row
     torch.testing.assert_close(layer(x[:1], torch.tensor([0])), layer(x[:1]), rtol=0, atol=0)
     assert not torch.allclose(batched[1], layer(x[1:2])[0])
+
+
+@pytest.mark.parametrize("slots", [[2, 2, 2, 2], [0, 0, 0, 0], [3, 1, 3, 1], [1, 0, 2, 3]], ids=str)
+def test_weak_product_of_the_slots_a_batch_uses_equals_the_twin(slots):
+    """Only the used slots' tables are read (one adapter for every row, or a subset)."""
+    layer, _, _ = build(k=8, seed=4)
+    layer.resize_slots(3)
+    gen = torch.Generator().manual_seed(2)
+    for s in range(1, 4):
+        layer.set_slot(s, torch.randn(8, OUT, generator=gen).half())
+    weak = WeakColumns(layer.outlier_idx, layer.weak_table.float())
+    x, slots = torch.randn(4, 3, IN, generator=gen), torch.tensor(slots)
+    want = weak_columns_product(x, weak, slots)
+    torch.testing.assert_close(weak_product(x, weak, slots), want, rtol=1e-6, atol=1e-5)
 
 
 def test_slot_errors():
