@@ -149,7 +149,8 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None)
     """x[..., idx] @ table[slot(row)] for x [B, T, in], slots long [B] or None (slot 0).
 
     Only the slots the batch uses are read (a step on one adapter costs what a step on the base
-    does): rows of several slots run as one GEMM against those slots' tables seen as [U·k, out],
+    does; a copy of a few slots' tables costs less than reading all, a copy of most costs more):
+    rows of several slots run as one GEMM against those slots' tables seen as [U·k, out],
     each row's gathered inputs placed at its own slot's k rows (zeros elsewhere). Twin:
     `reference.weak_columns_product`."""
     table = weak.table if weak.table.dtype == x.dtype else weak.table.to(x.dtype)
@@ -159,11 +160,14 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None)
     used, where = torch.unique(slots, return_inverse=True)
     if used.numel() == 1:
         return xk @ table[int(used[0])]
+    if 2 * used.numel() > table.shape[0]:  # most slots: reading them all beats copying most
+        used, where = torch.arange(table.shape[0]), slots
+    else:
+        table = table.index_select(0, used)  # [U, k, out]
     b, t, k = xk.shape
     onehot = xk.new_zeros(b, t, used.numel(), k)
     onehot[torch.arange(b), :, where] = xk
-    tables = table.index_select(0, used)  # [U, k, out]
-    return (onehot.view(b * t, -1) @ tables.view(-1, table.shape[-1])).view(b, t, -1)
+    return (onehot.view(b * t, -1) @ table.view(-1, table.shape[-1])).view(b, t, -1)
 
 
 def linear(
