@@ -38,7 +38,7 @@ DEFAULT_SETTINGS = {
 # quantization_config entries a cached default must carry to be this default
 RECORDED = {"head_bits": 4, "head_group_size": 32, "head_protect": 0.01}
 # Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
-FIRST_RUN_MINUTES_2_CORES = 16
+FIRST_RUN_MINUTES_2_CORES = 4  # idle cores; ~16 on cores shared with other jobs
 
 
 def cache_dir() -> Path:
