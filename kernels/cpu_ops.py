@@ -13,8 +13,6 @@ not score its prompt's tokens):
   `zero` errs by up to 2^-9·8·s on every weight of a row alike: a bias that cost 0.6%
   perplexity); 4-bit codes need all 16 values, so they stay as they are and the zero term is
   added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin: `int4_twin`.
-  The weak columns of such a step are one bf16 GEMM on a bf16 copy of the slot table: with many
-  adapters in a step, reading their tables costs more than the 4-bit codes of the base.
 - exact (prompt scoring, or layers the 4-bit kernel cannot take): one fp32 GEMM on the
   dequantized weight, the resident copy if the plan keeps one, else a transient one made for
   this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
@@ -179,23 +177,16 @@ def linear(
     weak: WeakColumns,
     bias: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
-    fast_table: torch.Tensor | None = None,
+    fast: bool = False,
 ) -> torch.Tensor:
-    """The CPU layer op: x [B, ..., in], slots [B] or None -> [B, ..., out] in x's dtype.
-
-    `fast_table` (the slot table in bf16) makes it a fast step: the dense part on the 4-bit
-    kernel and the weak columns as one bf16 GEMM (bf16 operands like the kernel's, fp32 sum)."""
-    fast = fast_table is not None
+    """The CPU layer op: x [B, ..., in], slots [B] or None -> [B, ..., out] in x's dtype."""
     y = dense(x, p, packed, fast)  # a fresh tensor: the rest adds into it in place
     if bias is not None:
         y.add_(bias.to(x.dtype))
     if weak.k == 0:
         return y
-    idx = weak.idx if p.idx is None else p.idx
-    if fast:  # the table's bytes dominate a step of many adapters: half of them in bf16
-        part = weak_product(x.to(torch.bfloat16), WeakColumns(idx, fast_table), slots)
-        return y.add_(part.view(y.shape))
-    weak = WeakColumns(idx, weak.table)
+    if p.idx is not None:
+        weak = WeakColumns(p.idx, weak.table)
     if slots is None:  # every row on the base's columns: one gather and one fused GEMM
         table = weak.table[0] if weak.table.dtype == x.dtype else weak.table[0].to(x.dtype)
         xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))

@@ -90,7 +90,6 @@ class OWQLinear(nn.Module):
         self.parts = (Part(0, out_features, torch.arange(num_weak)),)
         self.force_reference = False
         self.cpu: cpu_ops.CpuPlan | None = None
-        self._bf16_table: tuple[tuple[int, int], torch.Tensor] | None = None
 
     @property
     def num_weak(self) -> int:
@@ -343,13 +342,4 @@ class OWQLinear(nn.Module):
             return reference.owq_matmul(x, self.packed, self.weak, self.bias, slots)
         if self.cpu is None or self.cpu.dtype != x.dtype:
             self.prepare(x.dtype)
-        fast_table = self.bf16_table() if fast and self.cpu.int4 is not None else None
-        return cpu_ops.linear(x, self.cpu, self.packed, self.weak, self.bias, slots, fast_table)
-
-    def bf16_table(self) -> torch.Tensor:
-        """The slot table in bf16 for the 4-bit kernel's steps, made again whenever the table
-        changes (a slot written in place bumps the tensor's version counter)."""
-        key = (self.weak_table.data_ptr(), self.weak_table._version)
-        if self._bf16_table is None or self._bf16_table[0] != key:
-            self._bf16_table = (key, self.weak_table.to(torch.bfloat16))
-        return self._bf16_table[1]
+        return cpu_ops.linear(x, self.cpu, self.packed, self.weak, self.bias, slots, fast)
