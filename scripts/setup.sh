@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up owq on a fresh machine: the Austen corpus from Debian, then .venv with the CPU build of
-# torch, owq (editable, with test tools and Ray Serve) and the built-in default model. Safe to run again.
+# torch, owq (editable, with test tools and Ray Serve) and the built-in default model.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
