@@ -6,12 +6,15 @@ thread and answers the router (`ray_router.py`): `forward` streams the app's res
 request, `respond` returns a whole one (the router broadcasts `/metrics` and adapter changes
 to every replica). Both add `X-OWQ-Replica`, this replica's id. The adapter a request names is
 Ray's multiplexed model id: `forward` hands it to the `@serve.multiplexed` loader first, which
-loads it into the engine's adapter registry; Ray keeps its own LRU of ids per replica (what its
-router prefers) and the registry's LRU evicts the weights. Knows no routing policy.
+loads it into the engine's adapter registry and tells Ray's router that this replica holds it;
+when Ray's LRU (`--ray-max-adapters-per-replica`) evicts it, it is unloaded from the registry
+too, so what the router believes a replica holds is what it holds. Knows no routing policy.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,6 +60,31 @@ async def ensure_loaded(adapters, name: str) -> None:
         await adapters.load(name)
 
 
+async def unload_quietly(adapters, name: str) -> None:
+    with contextlib.suppress(EngineError):  # already gone (unloaded by an admin, evicted)
+        await adapters.unload(name)
+
+
+class HeldAdapter:
+    """What Ray's multiplexing LRU keeps for one adapter. Ray calls `__del__` when it evicts
+    the adapter (from a worker thread): the adapter is then unloaded from the registry on the
+    replica's event loop. Requests already running keep their weights."""
+
+    def __init__(self, name: str, adapters, loop: asyncio.AbstractEventLoop):
+        self.name, self._adapters, self._loop = name, adapters, loop
+        self._released = False
+
+    def __del__(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the replica is gone
+            self._loop.call_soon_threadsafe(self._unload)
+
+    def _unload(self) -> None:
+        asyncio.ensure_future(unload_quietly(self._adapters, self.name))
+
+
 class EngineReplica:
     """The deployment class (`ray_serve.build_application` wraps it in `serve.deployment`)."""
 
@@ -80,15 +108,17 @@ class EngineReplica:
     def _loader(self):
         adapters = self.engine.adapters
 
-        async def load_adapter(name: str) -> str:
+        async def load_adapter(name: str) -> HeldAdapter:
             await ensure_loaded(adapters, name)
-            return name
+            return HeldAdapter(name, adapters, asyncio.get_running_loop())
 
         return load_adapter
 
-    async def forward(self, request: HttpRequest) -> AsyncIterator[dict]:
-        """The app's ASGI messages for `request`; the start message carries X-OWQ-Replica."""
-        await self._hold(serve.get_multiplexed_model_id(), request)
+    async def forward(self, request: HttpRequest, adapter: str = "") -> AsyncIterator[dict]:
+        """The app's ASGI messages for `request`, which names `adapter` ('' = the base); the
+        start message carries X-OWQ-Replica. The adapter goes through Ray's multiplexed loader
+        whether or not the router routed by it, so both routings hold adapters alike."""
+        await self._hold(adapter, request)
         async for message in run_asgi(self.app, request):
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), self._replica_header()]

@@ -101,11 +101,13 @@ class Router:
             return await self.scrape(req)
         if req.path.startswith(ADAPTER_CHANGES) and req.method in ("POST", "DELETE"):
             return await self.everywhere(req)
-        adapter = adapter_of(req, self.base_name) if self.multiplexed else ""
+        adapter = adapter_of(req, self.base_name)
         handle = self.replicas.options(
-            method_name="forward", stream=True, multiplexed_model_id=adapter
+            method_name="forward",
+            stream=True,
+            multiplexed_model_id=adapter if self.multiplexed else "",
         )
-        return await relay(handle.remote(req))
+        return await relay(handle.remote(req, adapter))
 
     async def scrape(self, req: HttpRequest) -> Response:
         """Every replica's /metrics (with the caller's key), samples labelled by replica."""

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason="Ray Serve is not installed: pip install -e '.[ray]' (scripts/setup.sh does)",
 )
 
-ADAPTERS = [f"adapter-{i}" for i in range(4)]
+ADAPTERS = [f"adapter-{i}" for i in range(4)]  # 2 per replica; adapter-4 makes one evict
 PROMPT = "It is a truth universally"
 TIMEOUT_S = 120
 LEARN_S = 2.0  # for Ray's router to hear which replica loaded an adapter
@@ -49,7 +49,7 @@ def cluster(tmp_path_factory):
 
     from owq.server.ray_serve import APP_NAME, build_app
 
-    ckpt, adapters = tiny_assets(tmp_path_factory.mktemp("ray"), num_adapters=len(ADAPTERS))
+    ckpt, adapters = tiny_assets(tmp_path_factory.mktemp("ray"), num_adapters=len(ADAPTERS) + 1)
     flags = [ckpt, "--adapters", adapters, "--max-batch", "4", "--ray-replicas", "2"]
     flags += ["--ray-max-adapters-per-replica", "2"]
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -153,8 +153,16 @@ def test_metrics_of_both_replicas_are_scraped(cluster):
     for name in ("owq_requests_total", "owq_generation_tokens_total", "owq_adapters_loaded"):
         labelled = {s.labels["replica"] for s in samples(cluster, name)}
         assert labelled == replicas, (name, labelled)
+
+
+def test_ray_evicting_an_adapter_unloads_it_from_the_replica(cluster):
+    home = homes(cluster)  # 2 adapters on each replica: both full
+    extra = replica_of(complete(cluster, "adapter-4"))
     loaded = {s.labels["replica"]: s.value for s in samples(cluster, "owq_adapters_loaded")}
-    assert all(0 < count <= 2 for count in loaded.values()), loaded  # the per-replica bound
+    assert loaded == {r: 2.0 for r in set(home.values())}, loaded  # not 3 on `extra`
+    evicted = [a for a, r in home.items() if r == extra]
+    again = complete(cluster, evicted[0])  # its replica loads it again, or the other one does
+    assert again.status_code == 200
 
 
 def kill_replica(replica: str) -> None:
