@@ -28,6 +28,7 @@ from .ray_router import Router
 log = logging.getLogger(__name__)
 
 APP_NAME = "owq"
+ROUTER, REPLICAS = "Router", "EngineReplica"  # the deployments' names (a RayService sets them)
 ROUTINGS = ("multiplexed", "adapter-blind")
 ROUTER_MAX_ONGOING = 4096  # the router only relays: the replicas' queues apply the limits
 HEALTH_CHECK_PERIOD_S = 10
@@ -93,11 +94,11 @@ def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
 def build_application(spec: ReplicaSpec, scale: ScaleOut, base_name: str):
     """The Ray Serve application: the router ingress bound to the engine replicas."""
     replicas = (
-        serve.deployment(EngineReplica, name="EngineReplica")
+        serve.deployment(EngineReplica, name=REPLICAS)
         .options(**replica_options(scale, spec.engine))
         .bind(spec)
     )
-    router = serve.deployment(Router, name="Router").options(
+    router = serve.deployment(Router, name=ROUTER).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING
     )
     multiplexed = scale.routing == "multiplexed"
@@ -154,7 +155,8 @@ def run(args) -> int:
 
     scale = scale_out_of(args)
     spec, base_name = replica_spec(args, scale)
-    ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
+    address = args.ray_address or "local"  # "local": a new instance, never a running one
+    ray.init(address=address, include_dashboard=False, configure_logging=False)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_application(spec, scale, base_name), name=APP_NAME, route_prefix="/")

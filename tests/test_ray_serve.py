@@ -52,7 +52,10 @@ def cluster(tmp_path_factory):
     ckpt, adapters = tiny_assets(tmp_path_factory.mktemp("ray"), num_adapters=len(ADAPTERS) + 1)
     flags = [ckpt, "--adapters", adapters, "--max-batch", "4", "--ray-replicas", "2"]
     flags += ["--ray-max-adapters-per-replica", "2"]
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+        log_to_driver=False,
+    )  # fmt: skip
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
