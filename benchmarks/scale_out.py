@@ -45,7 +45,7 @@ EXAMPLES = """examples:
   python benchmarks/scale_out.py --skip-throughput --session-requests 16
 """
 
-LOADS_METRIC = "owq_adapter_load_seconds_count"
+LOADS_METRIC = "owq_adapter_load_seconds"  # a histogram: _count loads, _sum their seconds
 
 
 @dataclass
@@ -58,6 +58,7 @@ class LoadRun:
     wall_s: float = 0.0
     loads: int = 0
     loads_per_min: float = 0.0
+    load_s_mean: float = 0.0  # what a request on a cold adapter waits before its prefill
 
 
 def owq_ray(ckpt: Path, adapters: Path, replicas: int, per_replica: int, routing: str, log):
@@ -67,10 +68,13 @@ def owq_ray(ckpt: Path, adapters: Path, replicas: int, per_replica: int, routing
     return start_server([*cmd, *flags.split()], "/ready", START_TIMEOUT_S, log)
 
 
-def adapter_loads(url: str) -> int:
+def adapter_loads(url: str) -> tuple[int, float]:
+    """(adapter loads, their seconds) summed over the replicas of the merged /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=60).text
-    families = text_string_to_metric_families(text)
-    return int(sum(s.value for f in families for s in f.samples if s.name == LOADS_METRIC))
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    count = sum(s.value for s in samples if s.name == f"{LOADS_METRIC}_count")
+    seconds = sum(s.value for s in samples if s.name == f"{LOADS_METRIC}_sum")
+    return int(count), seconds
 
 
 def warm(url: str, names: list[str]) -> None:
@@ -123,9 +127,11 @@ def loads(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[LoadR
         run = LoadRun(routing, len(names), args.per_replica)
         proc, url = owq_ray(ckpt, adapters, 2, args.per_replica, routing, log)
         try:
-            before = adapter_loads(url)
+            loads_before, seconds_before = adapter_loads(url)
             statuses, run.wall_s = asyncio.run(sessions(url, names, args))
-            run.loads = adapter_loads(url) - before
+            loads_after, seconds_after = adapter_loads(url)
+            run.loads = loads_after - loads_before
+            run.load_s_mean = (seconds_after - seconds_before) / max(run.loads, 1)
         finally:
             stop(proc)
         run.requests, run.errors = len(statuses), sum(s != 200 for s in statuses)
@@ -151,10 +157,11 @@ def floors(scenarios: list[Scenario], runs: list[LoadRun]) -> list[dict]:
 
 def print_loads(runs: list[LoadRun]) -> None:
     print(f"{'routing':<15} {'adapters':>8} {'/replica':>8} {'reqs':>5} {'err':>4} "
-          f"{'wall s':>7} {'loads':>6} {'loads/min':>9}")  # fmt: skip
+          f"{'wall s':>7} {'loads':>6} {'loads/min':>9} {'load ms':>8}")  # fmt: skip
     for r in runs:
         print(f"{r.routing:<15} {r.adapters:>8} {r.per_replica:>8} {r.requests:>5} {r.errors:>4} "
-              f"{r.wall_s:>7.1f} {r.loads:>6} {r.loads_per_min:>9.1f}")  # fmt: skip
+              f"{r.wall_s:>7.1f} {r.loads:>6} {r.loads_per_min:>9.1f} "
+              f"{1e3 * r.load_s_mean:>8.1f}")  # fmt: skip
 
 
 def parse_args(argv=None):

@@ -168,6 +168,32 @@ def test_ray_evicting_an_adapter_unloads_it_from_the_replica(cluster):
     assert again.status_code == 200
 
 
+def token_counts(cluster: Cluster, adapter: str) -> dict[str, float]:
+    """replica -> tokens streamed for `adapter` (the inter-token gaps observed, + 1 each)."""
+    gaps = samples(cluster, "owq_inter_token_latency_seconds_count")
+    return {s.labels["replica"]: s.value for s in gaps if s.labels["adapter"] == adapter}
+
+
+def test_a_client_leaving_cancels_its_request_on_the_replica(cluster):
+    adapter, max_tokens = ADAPTERS[2], 200
+    before = token_counts(cluster, adapter)
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "model": adapter, "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=TIMEOUT_S) as r:
+        replica = replica_of(r)
+        assert next(line for line in r.iter_lines() if line.startswith("data:"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = samples(cluster, "owq_running_batch_size")
+        if all(s.value == 0 for s in running if s.labels["replica"] == replica):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"replica {replica} still runs the abandoned request: {running}")
+    streamed = token_counts(cluster, adapter)[replica] - before.get(replica, 0)
+    assert streamed < max_tokens // 2, streamed  # stopped, not run to its end
+    assert complete(cluster, adapter).status_code == 200
+
+
 def kill_replica(replica: str) -> None:
     import ray
 
