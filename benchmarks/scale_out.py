@@ -1,5 +1,5 @@
 """Scale-out benchmark: `owq serve --ray` with 1 vs 2 engine replicas (1 CPU each), and adapter
-loads under multiplexed (adapter-affinity) vs adapter-blind routing.
+loads under multiplexed (adapter-affinity) vs round-robin routing.
 
 Throughput: 16 streaming clients, client i on adapter i of 16 (every adapter warmed first), 1
 replica vs 2; aggregate tokens/s and p99 time to first token. Floor: 2 replicas >= 1.6x one.
@@ -7,10 +7,11 @@ Adapter loads: 64 adapters, at most 8 per replica, 2 replicas; 16 clients each r
 of `--session-requests` short requests on one adapter (client c's session k uses adapter
 c + 16k: 16 adapters active at a time, all 64 in turn). Loads are the replicas' own count
 (`owq_adapter_load_seconds_count`, summed over the router's merged /metrics); floor:
-multiplexed routing makes >= 4x fewer loads per minute than adapter-blind routing (Ray's
-power-of-two-choices by queue length, what a round-robin balancer in front of plain replicas
-does). Every configuration is its own `owq serve --ray` process with its own local Ray
-instance. Prints a table, checks the floors, writes JSON. Run it alone on a quiet machine.
+multiplexed routing makes >= 4x fewer loads per minute than round-robin routing (each replica
+in turn, blind to adapters: a plain balancer in front of plain replicas; a least-loaded one
+keeps closed-loop clients like these on one replica by accident). Every configuration is its
+own `owq serve --ray` process with its own local Ray instance. Prints a table, checks the
+floors, writes JSON. Run it alone on a quiet machine.
 """
 
 from __future__ import annotations
@@ -65,7 +66,25 @@ def owq_ray(ckpt: Path, adapters: Path, replicas: int, per_replica: int, routing
     flags = f"--ray --ray-replicas {replicas} --ray-cpus-per-replica 1 --ray-routing {routing}"
     flags += f" --ray-max-adapters-per-replica {per_replica} --max-batch 16 --max-queue 1024"
     cmd = ["owq", "serve", str(ckpt), "--adapters", str(adapters), "--host", "127.0.0.1"]
-    return start_server([*cmd, *flags.split()], "/ready", START_TIMEOUT_S, log)
+    proc, url = start_server([*cmd, *flags.split()], "/ready", START_TIMEOUT_S, log)
+    try:
+        wait_replicas(url, replicas)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+def wait_replicas(url: str, count: int, timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until /ready names `count` ready replicas (it answers as soon as one is)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = httpx.get(f"{url}/ready", timeout=60)
+        if len(ready.headers.get("x-owq-replicas", "").split(",")) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not {count} ready replicas after {timeout_s} s: {ready.text}")
+        time.sleep(1.0)
 
 
 def adapter_loads(url: str) -> tuple[int, float]:
@@ -123,7 +142,7 @@ async def sessions(url: str, names: list[str], args) -> tuple[list[int], float]:
 
 def loads(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[LoadRun]:
     out = []
-    for routing in ("multiplexed", "adapter-blind"):
+    for routing in ("multiplexed", "round-robin"):
         run = LoadRun(routing, len(names), args.per_replica)
         proc, url = owq_ray(ckpt, adapters, 2, args.per_replica, routing, log)
         try:

@@ -160,9 +160,10 @@ def add_ray_flags(p) -> None:
     )  # fmt: skip
     g.add_argument(
         "--ray-routing",
-        choices=("multiplexed", "adapter-blind"),
+        choices=("multiplexed", "round-robin"),
         default="multiplexed",
-        help="multiplexed: to a replica holding the adapter; adapter-blind: by load alone",
+        help="multiplexed: to a replica holding the adapter; round-robin: each replica in "
+        "turn, blind to adapters (the baseline)",
     )
 
 

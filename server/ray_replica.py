@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,14 +90,13 @@ class EngineReplica:
     """The deployment class (`ray_serve.build_application` wraps it in `serve.deployment`)."""
 
     def __init__(self, spec: ReplicaSpec):
-        torch.set_num_threads(spec.threads)
         metrics = ServerMetrics()
         self.engine = Engine.from_checkpoint(
             spec.ckpt, spec.engine, spec.adapters, metrics, spec.model_name
         )
         self.keys = spec.settings.keys
         self.app = create_app(self.engine, spec.settings, metrics)
-        self.engine.start()
+        self._start_model_loop(spec.threads)
         if not self.engine.wait_ready(READY_TIMEOUT_S):
             raise RuntimeError(f"the engine was not ready after {READY_TIMEOUT_S} s")
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -104,6 +104,18 @@ class EngineReplica:
             self._loader()
         )
         log.info("replica %s ready: %s, %d threads", self.replica, spec.ckpt, spec.threads)
+
+    def _start_model_loop(self, threads: int) -> None:
+        """The engine's model loop on a thread of its own that sets torch's thread count
+        itself: OpenMP keeps the count per thread, and a thread that never set it runs its
+        GEMMs on one core (why `owq serve` keeps the loop on the main thread, which a Ray
+        actor does not offer)."""
+
+        def model_loop() -> None:
+            torch.set_num_threads(threads)
+            self.engine.run_forever()
+
+        threading.Thread(target=model_loop, name="owq-model", daemon=True).start()
 
     def _loader(self):
         adapters = self.engine.adapters

@@ -5,9 +5,10 @@ Ray's HTTP proxy routes by a header only, while OpenAI clients name the adapter 
 the `model` field, as the app does) as Ray's multiplexed model id, and relays the chosen
 replica's response as it streams (`EngineReplica.forward`). Everything else (validation, auth,
 errors, metrics) is the replica's own app. A replica lost before its response started answers
-503 with Retry-After; `/metrics` is every replica's page, each sample labelled with its
-`replica`; adapter changes (`POST`/`DELETE /v1/adapters...`) go to every replica. Knows no
-engine and no tensors.
+503 with Retry-After; `/ready` answers for every running replica (ready when one is,
+`X-OWQ-Replicas` names them); `/metrics` is every replica's page, each sample labelled with its
+`replica`; adapter changes (`POST`/`DELETE /v1/adapters...`) go to every replica. `RoundRobin`
+is the adapter-blind Ray request router of the baseline. Knows no engine and no tensors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ray.serve.exceptions import (
     DeploymentUnavailableError,
     ReplicaUnavailableError,
 )
+from ray.serve.request_router import RequestRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -67,7 +69,9 @@ def replica_lost(reason: str) -> Response:
 
 def as_response(found: HttpResponse) -> Response:
     response = Response(found.body, status_code=found.status)
-    response.raw_headers = list(found.headers)
+    length = [(k, v) for k, v in response.raw_headers if k == b"content-length"]
+    response.raw_headers = [h for h in found.headers if h[0].lower() != b"content-length"]
+    response.raw_headers += length
     return response
 
 
@@ -99,6 +103,8 @@ class Router:
         req = await http_request(request, self.max_body_bytes)
         if req.path == "/metrics" and req.method == "GET":
             return await self.scrape(req)
+        if req.path == "/ready" and req.method == "GET":
+            return await self.ready(req)
         if req.path.startswith(ADAPTER_CHANGES) and req.method in ("POST", "DELETE"):
             return await self.everywhere(req)
         adapter = adapter_of(req, self.base_name)
@@ -109,35 +115,53 @@ class Router:
         )
         return await relay(handle.remote(req, adapter))
 
+    async def ready(self, req: HttpRequest) -> Response:
+        """Ready when a replica is; `x-owq-replicas` names every ready replica."""
+        answers = await self._answers(req)
+        if isinstance(answers, Response):
+            return answers
+        ready = [a for a in answers if a.status == 200]
+        return with_replicas(ready[0], ready) if ready else as_response(answers[0])
+
     async def scrape(self, req: HttpRequest) -> Response:
         """Every replica's /metrics (with the caller's key), samples labelled by replica."""
-        pages, failure = await self._broadcast(req)
-        if failure is not None:
-            return failure
-        merged = merge_metrics({p.replica: p.body.decode() for p in pages})
-        replicas = ",".join(sorted(p.replica for p in pages))
-        headers = {"x-owq-replicas": replicas}
-        return Response(merged, media_type=CONTENT_TYPE_LATEST, headers=headers)
+        answers = await self._answers(req)
+        if isinstance(answers, Response):
+            return answers
+        if refused := [a for a in answers if a.status != 200]:
+            return as_response(refused[0])
+        merged = merge_metrics({a.replica: a.body.decode() for a in answers})
+        return with_replicas(HttpResponse(200, [], merged), answers, CONTENT_TYPE_LATEST)
 
     async def everywhere(self, req: HttpRequest) -> Response:
         """An adapter change on every replica: the first refusal, else the first answer."""
-        answers, failure = await self._broadcast(req)
-        if failure is not None:
-            return failure
-        response = as_response(answers[0])
-        response.headers["x-owq-replicas"] = ",".join(sorted(a.replica for a in answers))
-        return response
+        answers = await self._answers(req)
+        if isinstance(answers, Response):
+            return answers
+        refused = [a for a in answers if a.status >= 300]
+        return as_response(refused[0]) if refused else with_replicas(answers[0], answers)
 
-    async def _broadcast(self, req: HttpRequest) -> tuple[list[HttpResponse], Response | None]:
+    async def _answers(self, req: HttpRequest) -> list[HttpResponse] | Response:
+        """Every running replica's answer to `req`, or 503 when none answers."""
         results = await self.replicas.broadcast("respond", req).results_async(
             return_exceptions=True
         )
         answers = [r for r in results if isinstance(r, HttpResponse)]
         if not answers:
-            reasons = {type(r).__name__ for r in results} or {"no replica is running"}
-            return [], replica_lost(", ".join(sorted(reasons)))
-        refused = [a for a in answers if a.status >= 300]
-        return answers, (as_response(refused[0]) if refused else None)
+            reasons = {type(r).__name__ for r in results} or {"no replica is running yet"}
+            return replica_lost(", ".join(sorted(reasons)))
+        return answers
+
+
+def with_replicas(
+    found: HttpResponse, answers: list[HttpResponse], media_type: str | None = None
+) -> Response:
+    """`found` as a response naming the replicas that answered (`x-owq-replicas`)."""
+    response = as_response(found)
+    if media_type is not None:
+        response.headers["content-type"] = media_type
+    response.headers["x-owq-replicas"] = ",".join(sorted(a.replica for a in answers))
+    return response
 
 
 async def relay(stream) -> Response:
@@ -173,6 +197,20 @@ async def body_of(stream, start: dict) -> AsyncIterator[bytes]:
             yield f"data: {json.dumps(error)}\n\n".encode()
     finally:
         stream.cancel()
+
+
+class RoundRobin(RequestRouter):
+    """Ray request router for `--ray-routing round-robin`: each request to the next replica in
+    turn (ordered by id), blind to adapters and to load: the baseline that multiplexed
+    routing is measured against."""
+
+    def initialize_state(self, **kwargs) -> None:
+        self.turn = 0
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        self.turn += 1
+        return [[ordered[self.turn % len(ordered)]]] if ordered else []
 
 
 def merge_metrics(pages: dict[str, str]) -> bytes:

@@ -3,8 +3,8 @@
 Builds one Ray Serve application from the same flags as `owq serve`: an `EngineReplica`
 deployment (one engine and its app per replica, `ray_replica.py`) behind the `Router` ingress
 (`ray_router.py`), which sends each request to a replica holding its adapter (Ray's model
-multiplexing) or, with `--ray-routing adapter-blind`, by load alone (what a round-robin balancer
-does). `run` starts a local Ray instance (or joins `--ray-address`) and serves until SIGINT or
+multiplexing) or, with `--ray-routing round-robin`, to each replica in turn (the baseline).
+`run` starts a local Ray instance (or joins `--ray-address`) and serves until SIGINT or
 SIGTERM; `build_app` is the same application for a `RayService` (`serveConfigV2` with
 `import_path: owq.server.ray_serve:build_app` and `args: {argv: [owq serve flags]}`). Knows
 deployments and flags, not requests.
@@ -23,13 +23,13 @@ from ray import serve
 
 from .engine import EngineConfig
 from .ray_replica import EngineReplica, ReplicaSpec
-from .ray_router import Router
+from .ray_router import RoundRobin, Router
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "owq"
 ROUTER, REPLICAS = "Router", "EngineReplica"  # the deployments' names (a RayService sets them)
-ROUTINGS = ("multiplexed", "adapter-blind")
+ROUTINGS = ("multiplexed", "round-robin")
 ROUTER_MAX_ONGOING = 4096  # the router only relays: the replicas' queues apply the limits
 HEALTH_CHECK_PERIOD_S = 10
 GRACEFUL_SHUTDOWN_S = 30
@@ -70,14 +70,19 @@ def scale_out_of(args) -> ScaleOut:
 
 def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
     """Ray deployment options of the engine replicas."""
+    resources = {"num_cpus": scale.cpus_per_replica}
+    if str(engine.device).startswith("cuda"):
+        resources["num_gpus"] = 1  # one GPU per replica: its engine owns the device
     options = {
-        "ray_actor_options": {"num_cpus": scale.cpus_per_replica},
+        "ray_actor_options": resources,
         # Past its batch and queue a replica answers 429 itself; Ray must not hold requests
         # back before that, or a busy replica would lose its adapters' traffic to another one.
         "max_ongoing_requests": engine.max_batch + engine.max_queue,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
     }
+    if scale.routing == "round-robin":
+        options["request_router_config"] = {"request_router_class": RoundRobin}
     if scale.autoscaling:
         initial = min(max(scale.replicas, scale.min_replicas), scale.max_replicas)
         options["autoscaling_config"] = {
@@ -150,13 +155,18 @@ def build_app(args: dict):
 
 
 def run(args) -> int:
-    """`owq serve --ray`: serve on a local Ray instance (or `--ray-address`) until a signal."""
+    """`owq serve --ray`: serve on a local Ray instance (or `--ray-address`) until SIGINT or
+    SIGTERM (also one that comes while the replicas start), then shut Serve and Ray down."""
     import ray
 
     scale = scale_out_of(args)
     spec, base_name = replica_spec(args, scale)
+    if spec.settings.keys is None:
+        log.warning("no --api-keys file: every replica is OPEN to every client and admin route")
     address = args.ray_address or "local"  # "local": a new instance, never a running one
     ray.init(address=address, include_dashboard=False, configure_logging=False)
+    stop = threading.Event()
+    previous = on_signals(lambda *_: stop.set())  # after ray.init, which sets its own
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_application(spec, scale, base_name), name=APP_NAME, route_prefix="/")
@@ -165,10 +175,12 @@ def run(args) -> int:
             spec.ckpt, args.host, args.port, describe(scale), scale.routing,
             scale.max_adapters_per_replica,
         )  # fmt: skip
-        wait_for_signal()
+        while not stop.wait(1.0):
+            pass
         log.info("shutting down")
         serve.shutdown()
     finally:
+        restore_signals(previous)
         ray.shutdown()
     return 0
 
@@ -181,12 +193,12 @@ def describe(scale: ScaleOut) -> str:
     return f"{count} of {scale.cpus_per_replica:g} CPU"
 
 
-def wait_for_signal() -> None:
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(1.0):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def on_signals(handler) -> dict:
+    """Set `handler` for SIGINT and SIGTERM; the handlers it replaced (None: one set outside
+    Python, which cannot be restored)."""
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

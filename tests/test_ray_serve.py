@@ -8,6 +8,7 @@ merged `/metrics`. The replica-kill test runs last: it replaces one replica.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import socket
 import time
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 ADAPTERS = [f"adapter-{i}" for i in range(4)]  # 2 per replica; adapter-4 makes one evict
 PROMPT = "It is a truth universally"
 TIMEOUT_S = 120
-LEARN_S = 2.0  # for Ray's router to hear which replica loaded an adapter
+LEARN_S = 1.0  # for Ray's router to hear which replica loaded an adapter
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ def samples(cluster: Cluster, name: str) -> list:
 def homes(cluster: Cluster) -> dict[str, str]:
     """adapter -> the replica its requests go to: after the first request has loaded it and
     Ray's router has heard so (the replica pushes its ids every 0.1 s), it must not move."""
-    found = {name: replica_of(complete(cluster, name)) for name in ADAPTERS}
-    time.sleep(LEARN_S)
+    found = {}
+    for name in ADAPTERS:  # one at a time: a burst of new adapters before Ray's router has
+        found[name] = replica_of(complete(cluster, name))  # heard may crowd one replica
+        time.sleep(LEARN_S)
     for name, first in found.items():
         again = [replica_of(complete(cluster, name)) for _ in range(3)]
         assert again == [first] * 3, (name, first, again)
@@ -112,6 +115,9 @@ def test_two_replicas_answer_the_openai_client(cluster):
     with ThreadPoolExecutor(8) as pool:
         replicas = set(pool.map(ask, range(16)))
     assert len(replicas) == 2, replicas
+    ready = httpx.get(f"{cluster.url}/ready", timeout=TIMEOUT_S)
+    assert ready.json()["status"] == "ready"
+    assert set(ready.headers["x-owq-replicas"].split(",")) == replicas
     chat = client.chat.completions.create(
         model=ADAPTERS[1], messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
@@ -217,29 +223,43 @@ def steady_client(cluster: Cluster, model: str, count: int) -> list[int]:
     return statuses
 
 
+def wait_queued(cluster: Cluster, replica: str, count: int, timeout_s: float = 30) -> None:
+    """Until `replica`'s engine reports `count` requests waiting for a row."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        depth = {s.labels["replica"]: s.value for s in samples(cluster, "owq_queue_depth")}
+        if depth.get(replica, 0) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"replica {replica} never queued {count} requests: {depth}")
+
+
 def test_killing_a_replica_loses_only_its_requests_in_flight(cluster):
+    """The victim runs 4 streams (its whole batch) and has 2 plain requests queued behind
+    them when its actor is killed; meanwhile a client of the other replica keeps going."""
     import openai
 
     home = homes(cluster)
     victim_adapter = ADAPTERS[0]
     victim = home[victim_adapter]
     survivor_adapter = next(a for a, r in home.items() if r != victim)
-    with ThreadPoolExecutor(4) as pool:
-        in_flight = [pool.submit(long_request, cluster, victim_adapter, i) for i in range(2)]
+    body = {"prompt": PROMPT, "max_tokens": 200, "model": victim_adapter, "stream": True}
+    url = f"{cluster.url}/v1/completions"
+    with ThreadPoolExecutor(4) as pool, contextlib.ExitStack() as streams:
         steady = pool.submit(steady_client, cluster, survivor_adapter, 10)
-        body = {"prompt": PROMPT, "max_tokens": 200, "model": victim_adapter, "stream": True}
-        url = f"{cluster.url}/v1/completions"
-        with httpx.stream("POST", url, json=body, timeout=TIMEOUT_S) as streamed:
-            lines = streamed.iter_lines()
-            assert next(line for line in lines if line.startswith("data:"))  # it is running
-            kill_replica(victim)
-            rest = list(lines)
-        answers = [f.result() for f in in_flight]
+        running = [streams.enter_context(httpx.stream("POST", url, json=body)) for _ in range(4)]
+        lines = [r.iter_lines() for r in running]
+        for stream in lines:
+            assert next(line for line in stream if line.startswith("data:"))  # running
+        queued = [pool.submit(long_request, cluster, victim_adapter, i) for i in range(2)]
+        wait_queued(cluster, victim, 2)
+        kill_replica(victim)
+        rest = [list(stream) for stream in lines]
+        answers = [f.result() for f in queued]
         assert steady.result() == [200] * 10  # the other replica lost nothing
-    assert "data: [DONE]" not in rest and any("replica_unavailable" in line for line in rest)
-    lost = [a for a in answers if a.status_code == 503]
-    assert lost, [a.status_code for a in answers]  # still running when the replica went
-    for answer in lost:
+    for tail in rest:  # cut mid-stream: an error event, no [DONE]
+        assert "data: [DONE]" not in tail and any("replica_unavailable" in x for x in tail)
+    for answer in answers:
         assert openai_error(answer, 503)["code"] == "replica_unavailable"
         assert answer.headers["retry-after"] == "1"
     client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=5)
