@@ -51,16 +51,6 @@ class ReplicaSpec:
     threads: int  # torch threads of the model loop (the replica's CPUs)
 
 
-async def ensure_loaded(adapters, name: str) -> None:
-    """Load adapter `name` into the registry unless it is loaded (on demand where the registry
-    resolves names itself)."""
-    resolve = getattr(adapters, "resolve", None)
-    if resolve is not None:
-        await resolve(name)
-    elif name not in {a.name for a in adapters.loaded()}:
-        await adapters.load(name)
-
-
 async def unload_quietly(adapters, name: str) -> None:
     with contextlib.suppress(EngineError):  # already gone (unloaded by an admin, evicted)
         await adapters.unload(name)
@@ -121,7 +111,7 @@ class EngineReplica:
         adapters = self.engine.adapters
 
         async def load_adapter(name: str) -> HeldAdapter:
-            await ensure_loaded(adapters, name)
+            await adapters.resolve(name)  # loads it unless it is loaded
             return HeldAdapter(name, adapters, asyncio.get_running_loop())
 
         return load_adapter

@@ -8,7 +8,7 @@ errors, metrics) is the replica's own app. A replica lost before its response st
 503 with Retry-After; `/ready` answers for every running replica (ready when one is,
 `X-OWQ-Replicas` names them); `/metrics` is every replica's page, each sample labelled with its
 `replica`; adapter changes (`POST`/`DELETE /v1/adapters...`) go to every replica. `RoundRobin`
-is the adapter-blind Ray request router of the baseline. Knows no engine and no tensors.
+is the Ray request router of the adapter-blind baseline. Knows no engine and no tensors.
 """
 
 from __future__ import annotations

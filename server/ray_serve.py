@@ -118,9 +118,10 @@ def replica_spec(args, scale: ScaleOut) -> tuple[ReplicaSpec, str]:
 
     ckpt, adapters = resolve_paths(args)
     settings = build_settings(args).model_copy(update={"preload_adapters": False})
-    engine = engine_config(args)
-    if hasattr(engine, "max_loaded_adapters"):  # the registry's LRU holds what Ray's does
-        engine = dataclasses.replace(engine, max_loaded_adapters=scale.max_adapters_per_replica)
+    # the registry's own LRU bound is Ray's: Ray's evictions unload, this one is the backstop
+    engine = dataclasses.replace(
+        engine_config(args), max_loaded_adapters=scale.max_adapters_per_replica
+    )
     spec = ReplicaSpec(
         ckpt, adapters, args.served_model_name, engine, settings,
         scale.max_adapters_per_replica, scale.threads,

@@ -3,7 +3,8 @@ tiny checkpoint behind the router, the real `openai` client and httpx.
 
 Needs Ray Serve (`pip install -e '.[ray]'`; `scripts/setup.sh` installs it). The replica that
 answered is the response's `X-OWQ-Replica` header; its metrics are the `replica` label of the
-merged `/metrics`. The replica-kill test runs last: it replaces one replica.
+merged `/metrics`. The replica-kill test replaces one replica; the eviction test, last, leaves a
+fifth adapter loaded (4 fit on the 2 replicas: the earlier tests' placements assume that).
 """
 
 from __future__ import annotations
@@ -165,16 +166,6 @@ def test_metrics_of_both_replicas_are_scraped(cluster):
         assert labelled == replicas, (name, labelled)
 
 
-def test_ray_evicting_an_adapter_unloads_it_from_the_replica(cluster):
-    home = homes(cluster)  # 2 adapters on each replica: both full
-    extra = replica_of(complete(cluster, "adapter-4"))
-    loaded = {s.labels["replica"]: s.value for s in samples(cluster, "owq_adapters_loaded")}
-    assert loaded == {r: 2.0 for r in set(home.values())}, loaded  # not 3 on `extra`
-    evicted = [a for a, r in home.items() if r == extra]
-    again = complete(cluster, evicted[0])  # its replica loads it again, or the other one does
-    assert again.status_code == 200
-
-
 def token_counts(cluster: Cluster, adapter: str) -> dict[str, float]:
     """replica -> tokens streamed for `adapter` (the inter-token gaps observed, + 1 each)."""
     gaps = samples(cluster, "owq_inter_token_latency_seconds_count")
@@ -272,3 +263,27 @@ def test_killing_a_replica_loses_only_its_requests_in_flight(cluster):
         model=victim_adapter, prompt=PROMPT, max_tokens=4
     )
     assert retried.headers["x-owq-replica"] != victim
+    replaced = ready_replicas(cluster, 2)  # Ray starts a new replica in the killed one's place
+    assert victim not in replaced and retried.headers["x-owq-replica"] in replaced
+
+
+def ready_replicas(cluster: Cluster, count: int, timeout_s: float = 120) -> set[str]:
+    """The ready replicas, once there are `count` of them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = httpx.get(f"{cluster.url}/ready", timeout=TIMEOUT_S)
+        replicas = set(filter(None, ready.headers.get("x-owq-replicas", "").split(",")))
+        if len(replicas) >= count:
+            return replicas
+        assert time.monotonic() < deadline, f"{len(replicas)} ready replicas: {ready.text}"
+        time.sleep(0.5)
+
+
+def test_ray_evicting_an_adapter_unloads_it_from_the_replica(cluster):
+    home = homes(cluster)  # 2 adapters on each replica: both full
+    extra = replica_of(complete(cluster, "adapter-4"))
+    loaded = {s.labels["replica"]: s.value for s in samples(cluster, "owq_adapters_loaded")}
+    assert loaded == {r: 2.0 for r in set(home.values())}, loaded  # not 3 on `extra`
+    evicted = [a for a, r in home.items() if r == extra]
+    again = complete(cluster, evicted[0])  # its replica loads it again, or the other one does
+    assert again.status_code == 200
