@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# Set up owq on a fresh machine: the Austen corpus from Debian, then .venv with the CPU build of
-# torch, owq (editable, with test tools and Ray Serve) and the built-in default model.
-# Safe to run again.
+# Set up owq on a fresh machine: .venv with the CPU build of torch, owq (editable, with test
+# tools and Ray Serve), the built-in default model, and the Austen corpus file taken out of
+# Debian's r-cran-janeaustenr package into .venv/share/owq (the file only: no R). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+corpus=.venv/share/owq/janeaustenr/Rdata.rdb
+if [ ! -f "$corpus" ] && [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq r-cran-janeaustenr
+  work=$(mktemp -d)
+  if ! (cd "$work" && apt-get download -qq r-cran-janeaustenr 2>/dev/null); then
+    $sudo apt-get update -qq
+    (cd "$work" && apt-get download -qq r-cran-janeaustenr)
+  fi
+  dpkg-deb -x "$work"/r-cran-janeaustenr_*.deb "$work/root"
+  mkdir -p "$(dirname "$corpus")"
+  cp "$work/root/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" "$corpus"
+  rm -rf "$work"
 fi
 
-[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0          # the CPU build; install before owq
 .venv/bin/python -m pip install -q -e ".[test,ray]"      # ray: the scale-out tests run too

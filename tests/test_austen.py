@@ -1,8 +1,12 @@
-"""The Austen extractor: six novels, each starting with its known first sentence, only text."""
+"""The Austen extractor: six novels, each starting with its known first sentence, only text.
+
+Reads the real corpus file (Debian's r-cran-janeaustenr, installed by scripts/setup.sh)."""
 
 import pytest
 
 from owq.builtin import corpus as austen
+
+pytestmark = pytest.mark.corpus
 
 FIRST_SENTENCES = {
     "sense_and_sensibility": "The family of Dashwood had long been settled in Sussex.",
@@ -57,10 +61,22 @@ def test_missing_corpus_says_what_to_install(tmp_path):
 
 def test_env_var_names_a_copy_of_the_file(tmp_path, monkeypatch):
     copy = tmp_path / "austen.rdb"
-    copy.write_bytes(austen.RDATA.read_bytes())
+    copy.write_bytes(austen.rdata_path().read_bytes())
     monkeypatch.setenv(austen.RDATA_ENV, str(copy))
     assert austen.rdata_path() == copy
     assert list(austen.read_novels()) == list(FIRST_SENTENCES)
     monkeypatch.setenv(austen.RDATA_ENV, str(tmp_path / "gone.rdb"))
     with pytest.raises(austen.CorpusMissing, match="gone.rdb missing.*OWQ_AUSTEN_RDATA"):
         austen.read_novels()
+
+
+def test_the_copy_in_this_environment_comes_before_the_system_path(tmp_path, monkeypatch):
+    """scripts/setup.sh takes the file out of Debian's package into the venv (no R needed)."""
+    copy = tmp_path / "share" / "Rdata.rdb"
+    copy.parent.mkdir()
+    copy.write_bytes(austen.rdata_path().read_bytes())
+    monkeypatch.delenv(austen.RDATA_ENV, raising=False)
+    monkeypatch.setattr(austen, "ENV_RDATA", copy)
+    assert austen.rdata_path() == copy
+    monkeypatch.setattr(austen, "ENV_RDATA", tmp_path / "absent.rdb")
+    assert austen.rdata_path() == austen.RDATA

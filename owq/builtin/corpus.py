@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import zlib
 from functools import lru_cache
 from pathlib import Path
 
 RDATA = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
 RDATA_ENV = "OWQ_AUSTEN_RDATA"
+# where scripts/setup.sh puts the file when it takes it out of the package (no R installed)
+ENV_RDATA = Path(sys.prefix) / "share" / "owq" / "janeaustenr" / "Rdata.rdb"
 INSTALL_HINT = f"apt-get install r-cran-janeaustenr, or set {RDATA_ENV} to a copy of Rdata.rdb"
 STRSXP, CHARSXP = 16, 9
 
@@ -76,8 +79,11 @@ def _strings(data: bytes) -> list[str] | None:
 
 
 def rdata_path() -> Path:
-    """$OWQ_AUSTEN_RDATA if set, else where Debian's package installs the file."""
-    return Path(os.environ.get(RDATA_ENV) or RDATA)
+    """$OWQ_AUSTEN_RDATA if set, else the copy in this Python environment if there is one, else
+    where Debian's package installs the file."""
+    if os.environ.get(RDATA_ENV):
+        return Path(os.environ[RDATA_ENV])
+    return ENV_RDATA if ENV_RDATA.is_file() else RDATA
 
 
 def read_novels(path: Path | None = None) -> dict[str, str]:
