@@ -77,7 +77,9 @@ def _windows(settings: QuantizeSettings, tokenizer, calibration_ids) -> torch.Te
         if tokenizer is None:
             raise ValueError("a tokenizer (or calibration_ids) is needed for calibration")
         calibration_ids = tokenize(tokenizer, calibration_text(settings.calib))
-    return calibration_windows(calibration_ids, settings.nsamples, settings.seqlen, settings.seed)
+    return calibration_windows(
+        calibration_ids, settings.nsamples, settings.seqlen, settings.seed, settings.sampler
+    )
 
 
 def check_groups(shapes, groupsize: int) -> None:

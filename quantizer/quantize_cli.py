@@ -99,6 +99,13 @@ def add_parser(sub) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0, help="seed of the window offsets")
+    p.add_argument(
+        "--sampler",
+        choices=("torch", "python"),
+        default="torch",
+        help="window offsets: torch.randint (default) or Python's random.randint as the GPTQ/OWQ "
+        "reference scripts draw them (same seed, same windows as theirs)",
+    )
     p.add_argument("--calib", default="austen", help="'austen' (five novels) or a text file")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (speed only)")
     _add_head_arguments(p)
@@ -157,6 +164,7 @@ def settings_from_args(args):
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         seed=args.seed,
+        sampler=args.sampler,
         calib=args.calib,
         batch_size=args.batch_size,
         head_bits=args.head_bits,

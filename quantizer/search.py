@@ -17,16 +17,22 @@ MIN_SCALE = 1e-6
 MIN_FACTOR = 0.2
 
 
-def _grid_for(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool):
-    """lo, hi: [rows] range ends -> (scale, zero) of that grid, scale rounded to fp16."""
+def _grid_for(lo: torch.Tensor, hi: torch.Tensor, maxq: int, sym: bool, fp16_scale: bool = True):
+    """lo, hi: [rows] range ends -> (scale, zero) of that grid.
+
+    The scale is rounded to fp16 (the stored dtype) before the zero point is chosen, so GPTQ
+    compensates exactly the grid that is saved; `fp16_scale=False` keeps the fp32 scale, as the
+    reference GPTQ does (it stores its dequantized weights in fp16 instead).
+    """
     if sym:
         hi = torch.maximum(lo.abs(), hi)
         lo = -hi
     flat = (hi - lo) <= 0
     lo = torch.where(flat, torch.full_like(lo, -1.0), lo)
     hi = torch.where(flat, torch.ones_like(hi), hi)
-    scale = ((hi - lo) / maxq).clamp(min=MIN_SCALE).to(torch.float16).to(torch.float32)
-    scale = scale.clamp(min=MIN_SCALE)
+    scale = ((hi - lo) / maxq).clamp(min=MIN_SCALE)
+    if fp16_scale:
+        scale = scale.to(torch.float16).to(torch.float32).clamp(min=MIN_SCALE)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -16,6 +16,7 @@ ALLOCATIONS = ("uniform", "global", "plan")  # plan: k and columns given (`kerne
 HEAD_BITS = (16, *WBITS)  # 16: the vocabulary table stays fp16
 BUDGETS = ("linear", "whole")
 PROTECT_BY = ("error", "frequency")
+SAMPLERS = ("torch", "python")  # calibration window offsets: ours, or the reference scripts'
 DEFAULT_OWQ_EXTRA_BITS = 0.05  # like the paper's small-model rows (Table 1, marked *)
 
 
@@ -38,6 +39,7 @@ class QuantizeSettings:
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
+    sampler: str = "torch"  # torch | python (the GPTQ/OWQ reference scripts' window draw)
     calib: str = "austen"
     batch_size: int = 8  # calibration windows per forward (speed only, not results)
     head_bits: int = 16  # the LM head / vocabulary table: 16 keeps it fp16
@@ -97,6 +99,8 @@ class QuantizeSettings:
             raise ValueError("--act-order/--true-sequential apply to gptq and owq, not rtn")
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"--percdamp must lie in [0, 1), got {self.percdamp}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("--nsamples, --batch-size must be >= 1 and --seqlen >= 2")
         self._validate_head()
