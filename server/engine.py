@@ -11,6 +11,7 @@ request at the next step. Knows nothing about HTTP, JSON or auth.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -291,6 +292,18 @@ class Engine:
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = step_index(self.cache.shape, 0, positions)
         self.runtime(positions, step, self.cache, None, "last")
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps what loading and repacking
+    the weights freed: ~0.4 GiB of resident memory on the default model); a no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def check_params(p) -> None:
