@@ -175,6 +175,14 @@ def format_table(rows: list[dict], gguf_bytes: int) -> str:
     return "\n".join(lines)
 
 
+def _scatter(ax, rows: list[dict], stagger: bool = False) -> None:
+    for i, r in enumerate(sorted(rows, key=lambda r: r["ppl"])):
+        ax.scatter(r["bits_per_weight_total"], r["ppl"])
+        dy = (-10 if i % 2 else 4) if stagger else 3
+        ax.annotate(r["config"], (r["bits_per_weight_total"], r["ppl"]), fontsize=7,
+                    xytext=(4, dy), textcoords="offset points")  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
@@ -184,15 +192,18 @@ def plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         log.warning("matplotlib is not installed: no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["bits_per_weight_total"], r["ppl"])
-        ax.annotate(r["config"], (r["bits_per_weight_total"], r["ppl"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("true bits per weight, whole file")
-    ax.set_ylabel("Persuasion perplexity")
-    ax.set_title("SmolLM2-135M: quality against whole-file size")
-    ax.grid(alpha=0.3)
+    fig, (whole, zoom) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _scatter(whole, rows)
+    whole.set_yscale("log")
+    whole.set_title("every row (log scale)")
+    near = [r for r in rows if r["bits_per_weight_total"] < 3.8]  # the whole-model low-bit rows
+    _scatter(zoom, near, stagger=True)
+    zoom.set_title("the low-bit rows")
+    for ax in (whole, zoom):
+        ax.set_xlabel("true bits per weight, whole file")
+        ax.set_ylabel("Persuasion perplexity")
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M: quality against whole-file size")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
