@@ -41,7 +41,7 @@ from serving_clients import (
 )
 
 EXAMPLES = """examples:
-  OWQ_CACHE=/work/owq-cache-ray python benchmarks/scale_out.py     # the default checkpoint
+  python benchmarks/scale_out.py                                   # the built-in default
   python benchmarks/scale_out.py --quick --ckpt /tmp/tiny/ckpt     # a smoke run
   python benchmarks/scale_out.py --skip-throughput --session-requests 16
 """
