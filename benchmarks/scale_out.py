@@ -119,6 +119,45 @@ def throughput(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[
     return out
 
 
+async def split_clients(urls: list[str], bodies: list[dict], per_client: int) -> Scenario:
+    """16 clients split evenly over the servers at `urls`; one aggregate row."""
+    n = len(urls)
+    parts = [Scenario(f"part {i}", "owq", len(bodies) // n, len(bodies) // n) for i in range(n)]
+    start = time.perf_counter()
+    runs = [run_clients(urls[i], parts[i], bodies[i::n], per_client) for i in range(n)]
+    await asyncio.gather(*runs)
+    sc = Scenario(f"plain {n} process(es), 1 thread each", "owq", len(bodies), len(bodies))
+    sc.wall_s = time.perf_counter() - start
+    sc.requests, sc.tokens = sum(p.requests for p in parts), sum(p.tokens for p in parts)
+    sc.tokens_per_s = sc.tokens / sc.wall_s
+    sc.ttft_p99_ms = max(p.ttft_p99_ms for p in parts)
+    sc.errors = [e for p in parts for e in p.errors]
+    return sc
+
+
+def plain(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[Scenario]:
+    """The same load on plain `owq serve` processes without Ray, 1 vs 2, one thread each: what
+    this machine gives two engines when nothing routes their tokens."""
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = ["owq", "serve", str(ckpt), "--adapters", str(adapters), "--host", "127.0.0.1"]
+    cmd += "--max-batch 16 --max-queue 1024".split()
+    out = []
+    for count in (1, 2):
+        procs, urls = [], []
+        try:
+            for _ in range(count):
+                proc, url = start_server(cmd, "/ready", START_TIMEOUT_S, log, env=env)
+                procs.append(proc)
+                urls.append(url)
+                warm(url, names)
+            bodies = [body(i, args.max_tokens, names[i]) for i in range(16)]
+            out.append(asyncio.run(split_clients(urls, bodies, args.per_client)))
+        finally:
+            for proc in procs:
+                stop(proc)
+    return out
+
+
 async def session_client(client: httpx.AsyncClient, url: str, c: int, names, args) -> list[int]:
     statuses = []
     for k in range(4):
@@ -161,7 +200,7 @@ def loads(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[LoadR
 
 def floors(scenarios: list[Scenario], runs: list[LoadRun]) -> list[dict]:
     rows = []
-    if len(scenarios) == 2 and scenarios[0].tokens_per_s:
+    if len(scenarios) >= 2 and scenarios[0].tokens_per_s:
         ratio = scenarios[1].tokens_per_s / scenarios[0].tokens_per_s
         rows.append(
             {"floor": "2 replicas >= 1.6x one (tokens/s)", "value": ratio, "ok": ratio >= 1.6}
@@ -198,6 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--session-tokens", type=int, default=4, help="tokens per session request")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-loads", action="store_true")
+    p.add_argument(
+        "--plain", action="store_true", help="also 1 vs 2 plain owq serve processes, no Ray"
+    )
     p.add_argument("--quick", action="store_true", help="few tokens and requests (a smoke run)")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/scale_out.json"))
     args = p.parse_args(argv)
@@ -220,6 +262,8 @@ def main(argv=None) -> int:
         try:
             if not args.skip_throughput:
                 scenarios = throughput(args, args.ckpt, names[:16], Path(tmp) / "adapters", log)
+            if args.plain:
+                scenarios += plain(args, args.ckpt, names[:16], Path(tmp) / "adapters", log)
             if not args.skip_loads:
                 runs = loads(args, args.ckpt, names, Path(tmp) / "adapters", log)
         finally:
