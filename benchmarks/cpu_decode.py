@@ -1,11 +1,13 @@
 """The CPU decode kernels of the server runtime on the default checkpoint: fp32 dense vs int4.
 
-`server/runtime/projection.py` runs decode steps on the codes repacked as 4-bit (bf16
-activations) and everything else on the fp32 dense weight. This measures what that buys and costs,
+`kernels/cpu_ops.py` runs fast steps (decode, and prompts not scored) on the codes repacked as
+4-bit (bf16 activations), and steps that score a prompt on the fp32 dense weight. This measures
+what that buys and costs,
 on the runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows; teacher-forced perplexity
 on Persuasion where every token goes through a one-token decode step (so the 4-bit kernel scores
 every token); and greedy agreement, the share of generated tokens equal to the fp32 run's.
 
+examples:
   python benchmarks/cpu_decode.py                      # default checkpoint, ~3 minutes
   python benchmarks/cpu_decode.py --ckpt CKPT --tokens 512 --json out.json
 """

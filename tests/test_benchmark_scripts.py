@@ -1,0 +1,26 @@
+"""Every benchmark script still imports and answers --help with its examples (the scripts run
+for minutes to hours, so the suite checks only that they start)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(p for p in BENCHMARKS.glob("*.py") if "__main__" in p.read_text())
+
+
+def test_the_scripts_are_found():
+    assert {"serving.py", "whole_model.py", "scale_out.py", "gptq_parity.py"} <= {
+        p.name for p in SCRIPTS
+    }
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_benchmark_answers_help(script):
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage:" in done.stdout and "example" in done.stdout.lower()
