@@ -105,6 +105,31 @@ def test_weak_product_of_the_slots_a_batch_uses_equals_the_twin(slots):
     torch.testing.assert_close(weak_product(x, weak, slots), want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("slots", [[1, 2, 3, 0, 1], [2, 0, 2, 0, 2]], ids=str)
+def test_fused_layer_with_many_slots_equals_its_parts(slots):
+    """A fused layer's one table holds each part's slots: rows of several slots equal each part
+    run alone, also after a slot is written between two steps."""
+    from owq.kernels.fused import fuse
+
+    layers = [build(k=8, seed=s, bias=False)[0] for s in (5, 6, 7)]
+    for layer in layers:
+        layer.resize_slots(3)
+    fused = fuse(layers)
+    gen = torch.Generator().manual_seed(3)
+    for slot in range(1, 4):
+        for i, layer in enumerate(layers):
+            cols = torch.randn(8, OUT, generator=gen).half()
+            layer.set_slot(slot, cols)
+            fused.set_slot(slot, cols, part=i)
+    x, slots = torch.randn(5, 2, IN, generator=gen), torch.tensor(slots)
+    for _ in range(2):
+        want = torch.cat([layer(x, slots) for layer in layers], -1)
+        torch.testing.assert_close(fused(x, slots), want, rtol=1e-5, atol=1e-4)
+        cols = torch.randn(8, OUT, generator=gen).half()
+        layers[1].set_slot(2, cols)
+        fused.set_slot(2, cols, part=1)
+
+
 def test_slot_errors():
     layer, _, _ = build(k=8)
     layer.resize_slots(2)
