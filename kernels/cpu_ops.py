@@ -153,17 +153,18 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None)
     rows of several slots run as one GEMM against those slots' tables seen as [U·k, out],
     each row's gathered inputs placed at its own slot's k rows (zeros elsewhere). Twin:
     `reference.weak_columns_product`."""
-    table = weak.table if weak.table.dtype == x.dtype else weak.table.to(x.dtype)
+    table = weak.table  # converted to x's dtype only where read (a no-op when it matches)
     xk = x.index_select(-1, weak.idx.to(torch.long))  # [B, T, k]
     if slots is None:
-        return xk @ table[0]
+        return xk @ table[0].to(x.dtype)
     used, where = torch.unique(slots, return_inverse=True)
     if used.numel() == 1:
-        return xk @ table[int(used[0])]
+        return xk @ table[int(used[0])].to(x.dtype)
     if 2 * used.numel() > table.shape[0]:  # most slots: reading them all beats copying most
         used, where = torch.arange(table.shape[0]), slots
     else:
         table = table.index_select(0, used)  # [U, k, out]
+    table = table.to(x.dtype)
     b, t, k = xk.shape
     onehot = xk.new_zeros(b, t, used.numel(), k)
     onehot[torch.arange(b), :, where] = xk
@@ -188,7 +189,7 @@ def linear(
     if p.idx is not None:
         weak = WeakColumns(p.idx, weak.table)
     if slots is None:  # every row on the base's columns: one gather and one fused GEMM
-        table = weak.table[0] if weak.table.dtype == x.dtype else weak.table[0].to(x.dtype)
+        table = weak.table[0].to(x.dtype)
         xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))
         y.view(-1, y.shape[-1]).addmm_(xk, table)
         return y
