@@ -13,15 +13,12 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from serving_clients import start_server, stop
 
 EXAMPLES = """examples:
   nice -n 10 python benchmarks/first_run.py                  # a fresh cache, deleted afterwards
@@ -29,40 +26,17 @@ EXAMPLES = """examples:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> float:
-    """Seconds from now until GET /ready answers 200 (RuntimeError if the process dies)."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"owq serve exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return time.perf_counter() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"owq serve was not ready after {timeout_s:.0f} s")
-
-
 def serve_until_ready(cache: Path, timeout_s: float, log_path: Path) -> dict:
-    port = free_port()
     env = {**os.environ, "OWQ_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "owq", "serve", "--port", str(port)]
     load_before = os.getloadavg()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        start = time.perf_counter()
+        proc, url = start_server(["owq", "serve"], "/ready", timeout_s, log, env=env)
         try:
-            seconds = wait_ready(proc, f"http://127.0.0.1:{port}", timeout_s)
-            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).json()
+            seconds = time.perf_counter() - start
+            models = httpx.get(f"{url}/v1/models", timeout=30).json()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+            stop(proc)
     return {
         "seconds_to_ready": seconds,
         "served_models": [m["id"] for m in models["data"]],
