@@ -47,7 +47,6 @@ class ReplicaSpec:
     model_name: str | None
     engine: EngineConfig
     settings: ServerSettings
-    max_adapters: int  # Ray's multiplexed ids per replica (= the registry's bound)
     threads: int  # torch threads of the model loop (the replica's CPUs)
 
 
@@ -90,9 +89,8 @@ class EngineReplica:
         if not self.engine.wait_ready(READY_TIMEOUT_S):
             raise RuntimeError(f"the engine was not ready after {READY_TIMEOUT_S} s")
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.adapter = serve.multiplexed(max_num_models_per_replica=spec.max_adapters)(
-            self._loader()
-        )
+        held = spec.engine.max_loaded_adapters  # Ray's LRU bound is the registry's
+        self.adapter = serve.multiplexed(max_num_models_per_replica=held)(self._loader())
         log.info("replica %s ready: %s, %d threads", self.replica, spec.ckpt, spec.threads)
 
     def _start_model_loop(self, threads: int) -> None:

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "owq"
 ROUTER, REPLICAS = "Router", "EngineReplica"  # the deployments' names (a RayService sets them)
-ROUTINGS = ("multiplexed", "round-robin")
 ROUTER_MAX_ONGOING = 4096  # the router only relays: the replicas' queues apply the limits
 HEALTH_CHECK_PERIOD_S = 10
 GRACEFUL_SHUTDOWN_S = 30
@@ -122,10 +121,7 @@ def replica_spec(args, scale: ScaleOut) -> tuple[ReplicaSpec, str]:
     engine = dataclasses.replace(
         engine_config(args), max_loaded_adapters=scale.max_adapters_per_replica
     )
-    spec = ReplicaSpec(
-        ckpt, adapters, args.served_model_name, engine, settings,
-        scale.max_adapters_per_replica, scale.threads,
-    )  # fmt: skip
+    spec = ReplicaSpec(ckpt, adapters, args.served_model_name, engine, settings, scale.threads)
     return spec, args.served_model_name or checkpoint_name(ckpt)
 
 
