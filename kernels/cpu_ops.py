@@ -145,8 +145,9 @@ def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False)
     return F.linear(x, packed.dequantize(x.dtype).t().contiguous() if weight is None else weight)
 
 
-def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None) -> torch.Tensor:
-    """x[..., idx] @ table[slot(row)] for x [B, T, in], slots long [B] or None (slot 0).
+def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor) -> torch.Tensor:
+    """x[..., idx] @ table[slot(row)] for x [B, T, in], slots long [B] (`linear` runs the
+    slot-0-only case itself, in place).
 
     Only the slots the batch uses are read (a step on one adapter costs what a step on the base
     does; a copy of a few slots' tables costs less than reading all, a copy of most costs more):
@@ -155,8 +156,6 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor | None)
     `reference.weak_columns_product`."""
     table = weak.table  # converted to x's dtype only where read (a no-op when it matches)
     xk = x.index_select(-1, weak.idx.to(torch.long))  # [B, T, k]
-    if slots is None:
-        return xk @ table[0].to(x.dtype)
     used, where = torch.unique(slots, return_inverse=True)
     if used.numel() == 1:
         return xk @ table[int(used[0])].to(x.dtype)

@@ -316,9 +316,10 @@ class Scheduler:
         wanted = [seqs[i].params.logprobs for i in live if seqs[i].params.logprobs is not None]
         lp = None
         if wanted:
-            rows = torch.tensor(live, device=logits.device)
             picked = torch.tensor([chosen[i] for i in live], device=logits.device)
-            lp = token_logprobs(logits[rows], picked, max(wanted))
+            whole = len(live) == len(seqs)  # every row lives: no copy of the logits
+            rows = logits if whole else logits[torch.tensor(live, device=logits.device)]
+            lp = token_logprobs(rows, picked, max(wanted))
         for j, i in enumerate(live):
             seq, n = seqs[i], seqs[i].params.logprobs
             if n is None or lp is None:
