@@ -114,15 +114,15 @@ def uniform_whole(model, family, shapes: list[LayerShape], s: QuantizeSettings) 
     target = _target_bytes(model, s)
     fixed = planned_bytes(planned_tensors(model, family, s, {}, rows))
     _check_floor(fixed, target, s, fixed * s.target_bits / target)
-    lo, hi, best = float(s.wbits), 16.0, {}
+    lo, hi, best, size = float(s.wbits), 16.0, {}, fixed
     for _ in range(30):  # bisection on the paper's per-linear target
         mid = (lo + hi) / 2
         ks = uniform_from_target(shapes, s.wbits, mid)
-        if planned_bytes(planned_tensors(model, family, s, ks, rows)) <= target:
-            lo, best = mid, ks
+        planned = planned_bytes(planned_tensors(model, family, s, ks, rows))
+        if planned <= target:
+            lo, best, size = mid, ks, planned
         else:
             hi = mid
-    size = planned_bytes(planned_tensors(model, family, s, best, rows))
     return WholePlan(best, rows, None, size, target)
 
 

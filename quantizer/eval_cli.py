@@ -91,7 +91,7 @@ def format_table(rows: list[dict], gguf_bytes: int | None = None) -> str:
             f"{r['bits_per_weight_linear']:>10.3f} {r['bits_per_weight_total']:>10.3f} {size}"
         )
         if gguf_bytes:
-            ratio = r["file_bytes"] / gguf_bytes if r["file_bytes"] else None
+            ratio = r["gguf_ratio"]
             line += f" {ratio:>7.3f}" if ratio else f" {'-':>7}"
         lines.append(line)
     return "\n".join(lines)
