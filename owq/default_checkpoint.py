@@ -36,7 +36,11 @@ DEFAULT_SETTINGS = {
     "head_protect_by": "frequency",
 }
 # quantization_config entries a cached default must carry to be this default
-RECORDED = {"head_bits": 4, "head_group_size": 32, "head_protect": 0.01}
+RECORDED = {
+    "head_bits": DEFAULT_SETTINGS["head_bits"],
+    "head_group_size": DEFAULT_SETTINGS["head_groupsize"],
+    "head_protect": DEFAULT_SETTINGS["head_protect"],
+}
 # Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
 FIRST_RUN_MINUTES_2_CORES = 4  # idle cores; ~16 on cores shared with other jobs
 
