@@ -130,7 +130,6 @@ class AdapterRegistry:
         self._refused: dict[str, tuple[float, AdapterConflict]] = {}  # name -> (mtime, why)
         self._loading: dict[str, asyncio.Future] = {}
         self._version = 0
-        self.loads = 0  # completed loads (admin and on demand)
 
     # names ------------------------------------------------------------------------------
     def adapter_name(self, requested: str | None) -> str | None:
@@ -267,7 +266,6 @@ class AdapterRegistry:
             self._loaded.pop(name, None)
             self._loaded[name] = handle
             self._refused.pop(name, None)
-            self.loads += 1
             count = len(self._loaded)
         self._notify(count, info.load_seconds)
         return handle
