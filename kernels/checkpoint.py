@@ -182,9 +182,17 @@ def _check_quant(path: Path, config: dict) -> dict:
     return quant
 
 
+def read_owq_config(path: str | Path) -> dict:
+    """The `config.json` of a checkpoint dir whose `quantization_config` is valid, or
+    CheckpointError."""
+    config = _read_config(Path(path))
+    _check_quant(Path(path), config)
+    return config
+
+
 def read_quant_config(path: str | Path) -> dict:
     """The validated `quantization_config` of a checkpoint dir, or CheckpointError."""
-    return _check_quant(Path(path), _read_config(Path(path)))
+    return read_owq_config(path)["quantization_config"]
 
 
 @dataclass(frozen=True)

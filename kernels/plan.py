@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .checkpoint import PACKED_PARTS, WEIGHTS_NAME, CheckpointError, read_quant_config
+from .checkpoint import PACKED_PARTS, WEIGHTS_NAME, CheckpointError, read_owq_config
 from .families import Family, family_of
 from .owq_linear import OWQLinear
 from .owq_vocab import OWQVocab
@@ -154,8 +154,7 @@ def plan_of_checkpoint(path: str | os.PathLike) -> WeakColumnPlan:
     from safetensors import safe_open
 
     path = Path(path)
-    read_quant_config(path)
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    model_type = read_owq_config(path).get("model_type")
     family = family_of(SimpleNamespace(model_type=model_type))
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
