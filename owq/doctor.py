@@ -139,6 +139,7 @@ def builtin_plan() -> tuple[list[Finding], str | None]:
 def cache(default_fingerprint: str | None) -> tuple[list[Finding], dict[str, str]]:
     """Findings on the cache dir, and {checkpoint name: fingerprint} of its usable checkpoints."""
     from owq.default_checkpoint import CHECKPOINT_NAME, cache_dir, checkpoint_problem
+    from owq.kernels.checkpoint import WEIGHTS_NAME
     from owq.kernels.plan import plan_of_checkpoint
 
     root = cache_dir()
@@ -148,7 +149,7 @@ def cache(default_fingerprint: str | None) -> tuple[list[Finding], dict[str, str
         problem = checkpoint_problem(path, expected)
         if problem is None:
             fingerprints[path.name] = plan_of_checkpoint(path).fingerprint
-            mib = (path / "model.safetensors").stat().st_size / 2**20
+            mib = (path / WEIGHTS_NAME).stat().st_size / 2**20
             detail = f"{path.name}: {mib:.0f} MiB, fingerprint {fingerprints[path.name]}"
             findings.append(Finding("cache", "ok", detail))
         else:
