@@ -40,6 +40,7 @@ from .protocol import (
     PromptLogprobs,
     QueueFull,
     TokenOutput,
+    temperature_ok,
 )
 from .runtime import KVCache, build_runtime, step_index
 from .scheduler import Scheduler, SchedulerConfig, Sequence
@@ -311,7 +312,7 @@ def check_params(p) -> None:
     problems = [
         (p.max_tokens < 0, f"max_tokens must be >= 0, got {p.max_tokens}"),
         (
-            p.temperature != 0 and not MIN_TEMPERATURE <= p.temperature <= MAX_TEMPERATURE,
+            not temperature_ok(p.temperature),
             f"temperature must be 0 or lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
             f"got {p.temperature}",
         ),

@@ -28,6 +28,11 @@ MIN_TEMPERATURE = 0.01  # below it (but > 0) logits / T overflow: refused, 0 mea
 MAX_TEMPERATURE = 2.0
 
 
+def temperature_ok(t: float) -> bool:
+    """0 (greedy) or a temperature sampling can take."""
+    return t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16  # 0 is allowed with echo (score the prompt only)

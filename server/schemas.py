@@ -22,7 +22,7 @@ from pydantic import (
     model_serializer,
 )
 
-from .protocol import ADAPTER_NAME_PATTERN, MAX_TEMPERATURE, MIN_TEMPERATURE
+from .protocol import ADAPTER_NAME_PATTERN, MAX_TEMPERATURE, MIN_TEMPERATURE, temperature_ok
 
 MAX_STOP = 16
 STRICT = ConfigDict(extra="ignore", strict=True)
@@ -40,7 +40,7 @@ def _unicode(text: str) -> str:
 
 
 def _temperature(value: float) -> float:
-    if value != 0.0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+    if not temperature_ok(value):
         raise ValueError(
             f"temperature must be 0 (greedy) or lie in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]"
         )
