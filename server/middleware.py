@@ -68,8 +68,8 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdecimal() and int(length) > self.limit:  # 0-9 only
             return await _send_json(send, 413, _too_large(self.limit))
         chunks, size = [], 0
         while True:
