@@ -314,21 +314,22 @@ class AdapterRegistry:
                 self._refused[name] = (mtime, error)
         log.warning("adapter %s refused: %s", name, error)
 
-    def _raise_if_refused(self, name: str) -> None:
-        """A refusal is kept until the adapter's files change: no re-read on every request."""
+    def _known_refusal(self, name: str) -> AdapterConflict | None:
+        """The refusal remembered for `name`, while its files have not changed since."""
         with self._lock:
             known = self._refused.get(name)
-        if known is not None and known[0] == self._config_mtime(name):
-            raise type(known[1])(str(known[1]))
+        return known[1] if known is not None and known[0] == self._config_mtime(name) else None
+
+    def _raise_if_refused(self, name: str) -> None:
+        """A refusal is kept until the adapter's files change: no re-read on every request."""
+        if (known := self._known_refusal(name)) is not None:
+            raise type(known)(str(known))
 
     def _refusal(self, name: str) -> str | None:
         """Why `name` (not loaded) would be refused: a remembered reason, else the base
         fingerprint in its config (read without the weights); None when it looks loadable."""
-        mtime = self._config_mtime(name)
-        with self._lock:
-            known = self._refused.get(name)
-        if known is not None and known[0] == mtime:
-            return str(known[1])
+        if (known := self._known_refusal(name)) is not None:
+            return str(known)
         try:
             config = json.loads((resolve_in_dir(self.directory, name) / CONFIG_NAME).read_text())
             check_base(Adapter(name, str(config.get("base_fingerprint", "")), {}), self.fingerprint)
