@@ -146,8 +146,7 @@ class Scheduler:
                 seq.slot = -1
             seq.sink(error)
         if victims:  # the failed step may have left anything in the cache
-            for row in range(self.cache.shape.rows):
-                self._zero_row(row)
+            self.cache.zero()
 
     # queue ------------------------------------------------------------------------------
     def _take(self, item) -> None:
@@ -208,18 +207,13 @@ class Scheduler:
             if not leaving(self.running[i]):
                 continue
             if self.running[i].poisoned:
-                self._zero_row(i)
+                self.cache.zero(i)
             self._finish(self.running[i])
             last = self.running.pop()
             if i < len(self.running):
                 self.cache.move_row(len(self.running), i, last.cached)
                 last.row = i
                 self.running[i] = last
-
-    def _zero_row(self, row: int) -> None:
-        for k, v in zip(self.cache.k, self.cache.v, strict=True):
-            k[row].zero_()
-            v[row].zero_()
 
     def _finish(self, seq: Sequence) -> None:
         if seq.slot >= 0:
@@ -259,7 +253,7 @@ class Scheduler:
             )
             logits = logits[:, -1]
             if group[0].done:  # its prompt gave non-finite logits
-                self._zero_row(group[0].row)
+                self.cache.zero(group[0].row)
                 self._finish(group[0])
                 self.prefilling = []
                 return

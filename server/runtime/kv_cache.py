@@ -63,6 +63,12 @@ class KVCache:
         rows = step.rows
         return self.k[layer][rows, :, : step.length], self.v[layer][rows, :, : step.length]
 
+    def zero(self, row: int | None = None) -> None:
+        """Zero one cache row (all layers), or the whole cache when `row` is None."""
+        for k, v in zip(self.k, self.v, strict=True):
+            (k if row is None else k[row]).zero_()
+            (v if row is None else v[row]).zero_()
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of cache row `src` into row `dst` (all layers)."""
         if src == dst or length == 0:
