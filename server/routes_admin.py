@@ -38,8 +38,9 @@ def model_cards(ctx, who) -> list[ModelCard]:
         cards.append(ModelCard(id=engine.model_name, created=created))
     for state in engine.adapters.states():
         if state.status != "refused" and who.may_use(state.name):
-            card = ModelCard(id=state.name, created=created, parent=engine.model_name)
-            cards.append(card.model_copy(update={"status": state.status}))
+            cards.append(ModelCard(
+                id=state.name, created=created, parent=engine.model_name, status=state.status
+            ))  # fmt: skip
     return cards
 
 
@@ -62,14 +63,13 @@ async def list_adapters(ctx: Ctx, _: Admin) -> AdapterList:
 
 
 def _card(state: p.AdapterState) -> AdapterCard:
-    card = AdapterCard(
-        name=state.name, loaded=state.status == "loaded", status=state.status, error=state.error
-    )
-    if state.info is not None:
-        info = state.info
-        card.base_fingerprint, card.num_bytes = info.base_fingerprint, info.num_bytes
-        card.load_seconds = info.load_seconds
-    return card
+    info = state.info
+    return AdapterCard(
+        name=state.name, loaded=state.status == "loaded", status=state.status, error=state.error,
+        base_fingerprint=info.base_fingerprint if info else None,
+        num_bytes=info.num_bytes if info else None,
+        load_seconds=info.load_seconds if info else None,
+    )  # fmt: skip
 
 
 @router.post("/v1/adapters", responses=responses(400, 401, 403, 404, 409, 413, 503))
