@@ -106,6 +106,12 @@ def check_columns(name: str, columns: dict[str, torch.Tensor], shapes: dict) -> 
             )
 
 
+def adapter_name(requested: str | None, base_name: str) -> str | None:
+    """The adapter a requested name stands for; None = the base (no name, or the base's own)."""
+    name = (requested or "").strip()
+    return None if not name or name == base_name else name
+
+
 class AdapterRegistry:
     """protocol.AdapterManager over one adapters directory (or none)."""
 
@@ -134,8 +140,7 @@ class AdapterRegistry:
     # names ------------------------------------------------------------------------------
     def adapter_name(self, requested: str | None) -> str | None:
         """The adapter a request names; None = the base (no name, or the base's own)."""
-        name = (requested or "").strip()
-        return None if not name or name == self.base_name else name
+        return adapter_name(requested, self.base_name)
 
     def available(self) -> list[str]:
         if self.directory is None or not self.directory.is_dir():

@@ -31,7 +31,7 @@ from ray.serve.request_router import RequestRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .adapter_registry import NAME_RE
+from .adapter_registry import NAME_RE, adapter_name
 from .errors import ApiError, error_body, error_response
 from .generation import ADAPTER_HEADER
 from .ray_asgi import HttpRequest, HttpResponse
@@ -50,7 +50,8 @@ def adapter_of(request: HttpRequest, base_name: str) -> str:
     name = (request.header(ADAPTER_HEADER) or "").strip()
     if not name and request.method == "POST" and request.path in GENERATE_PATHS:
         name = model_field(request.body)
-    return name if name != base_name and NAME_RE.fullmatch(name) else ""
+    adapter = adapter_name(name, base_name)
+    return adapter if adapter is not None and NAME_RE.fullmatch(adapter) else ""
 
 
 def model_field(body: bytes) -> str:
