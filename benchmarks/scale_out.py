@@ -34,6 +34,7 @@ from serving_clients import (
     Scenario,
     body,
     make_adapters,
+    owq_serve,
     print_table,
     run_clients,
     start_server,
@@ -64,9 +65,9 @@ class LoadRun:
 
 def owq_ray(ckpt: Path, adapters: Path, replicas: int, per_replica: int, routing: str, log):
     flags = f"--ray --ray-replicas {replicas} --ray-cpus-per-replica 1 --ray-routing {routing}"
-    flags += f" --ray-max-adapters-per-replica {per_replica} --max-batch 16 --max-queue 1024"
-    cmd = ["owq", "serve", str(ckpt), "--adapters", str(adapters), "--host", "127.0.0.1"]
-    proc, url = start_server([*cmd, *flags.split()], "/ready", START_TIMEOUT_S, log)
+    flags += f" --ray-max-adapters-per-replica {per_replica}"
+    cmd = [*owq_serve(ckpt, adapters), *flags.split()]
+    proc, url = start_server(cmd, "/ready", START_TIMEOUT_S, log)
     try:
         wait_replicas(url, replicas)
     except BaseException:
@@ -139,8 +140,7 @@ def plain(args, ckpt: Path, names: list[str], adapters: Path, log) -> list[Scena
     """The same load on plain `owq serve` processes without Ray, 1 vs 2, one thread each: what
     this machine gives two engines when nothing routes their tokens."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = ["owq", "serve", str(ckpt), "--adapters", str(adapters), "--host", "127.0.0.1"]
-    cmd += "--max-batch 16 --max-queue 1024".split()
+    cmd = owq_serve(ckpt, adapters)
     out = []
     for count in (1, 2):
         procs, urls = [], []

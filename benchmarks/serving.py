@@ -31,6 +31,7 @@ from serving_clients import (
     Scenario,
     body,
     make_adapters,
+    owq_serve,
     print_table,
     run_clients,
     start_server,
@@ -47,9 +48,7 @@ SETTLE_S = 1.0  # between two sides of a round: the last one's OpenMP threads st
 
 # ---- servers ---------------------------------------------------------------------------------
 def start_owq(ckpt: Path, adapters: Path, max_batch: int, log):
-    flags = f"--max-batch {max_batch} --max-queue 1024".split()
-    cmd = ["owq", "serve", str(ckpt), "--adapters", str(adapters), *flags]
-    return start_server(cmd, "/ready", START_TIMEOUT_S, log)
+    return start_server(owq_serve(ckpt, adapters, max_batch), "/ready", START_TIMEOUT_S, log)
 
 
 def llama_python(args) -> tuple[str, str | None]:

@@ -151,6 +151,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def owq_serve(ckpt: Path, adapters: Path, max_batch: int = 16) -> list[str]:
+    """The `owq serve` module argv the benchmarks start (no port: `start_server` adds it)."""
+    flags = f"--max-batch {max_batch} --max-queue 1024".split()
+    return ["owq", "serve", str(ckpt), "--adapters", str(adapters), "--host", "127.0.0.1", *flags]
+
+
 def start_server(
     cmd: list[str], ready_path: str, timeout_s: float, log, env=None, python: str = ""
 ):
