@@ -11,7 +11,7 @@ Dispatch in `owq_matmul` for x [M, in]:
   (`torch.matmul`), then `weak_columns_sgmv` adds the weak columns of every row's own slot and the
   bias in one launch. The dense copy is never kept.
 Expected crossover (H100, in=4096, out=11008, 3-bit), to be confirmed with
-`benchmarks/kernels.py`: an 8-row chunk of the GEMV is FMA-bound at ~15-20 us; the batched path
+`benchmarks/gpu_kernels.py`: an 8-row chunk of the GEMV is FMA-bound at ~15-20 us; the batched path
 costs a fixed ~35 us dequantize (17 MB read, 90 MB written) plus a GEMM that stays memory-bound
 (~30 us) up to M of a few hundred, so the chunked GEMV wins up to M ~ 24-32: GEMV_ROW_LIMIT = 32.
 

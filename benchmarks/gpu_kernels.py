@@ -7,9 +7,9 @@ batched path vs chunked GEMV vs cuBLAS over M (the crossover behind `cuda_ops.GE
 16 rows with 16 distinct adapter slots vs one slot vs no weak columns.
 
 Examples:
-  python benchmarks/kernels.py                       # full table
-  python benchmarks/kernels.py --quick --json out.json
-  python benchmarks/kernels.py --bits 3 --shapes 4096x11008 --iters 50
+  python benchmarks/gpu_kernels.py                       # full table
+  python benchmarks/gpu_kernels.py --quick --json out.json
+  python benchmarks/gpu_kernels.py --bits 3 --shapes 4096x11008 --iters 50
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def floors(rows: list) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("error: benchmarks/kernels.py needs an NVIDIA GPU (torch sees none)", file=sys.stderr)
+        print("error: benchmarks/gpu_kernels.py needs an NVIDIA GPU (torch sees none)", file=sys.stderr)
         return 2
     if not cuda_ops.available():
         print("error: CuPy is not importable: pip install owq[cuda]", file=sys.stderr)
