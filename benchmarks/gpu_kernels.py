@@ -222,7 +222,7 @@ def floors(rows: list) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("error: benchmarks/gpu_kernels.py needs an NVIDIA GPU (torch sees none)", file=sys.stderr)
+        print("error: gpu_kernels.py needs an NVIDIA GPU (torch sees none)", file=sys.stderr)
         return 2
     if not cuda_ops.available():
         print("error: CuPy is not importable: pip install owq[cuda]", file=sys.stderr)
