@@ -17,6 +17,13 @@ not score its prompt's tokens):
   dequantized weight, the resident copy if the plan keeps one, else a transient one made for
   this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
 
+The weak part (x[..., idx] times each row's slot of the table, fp16 as stored): rows on the base
+take the fp32 GEMM on slot 0 (`base_columns`); on packed fast steps, rows on adapters take one
+`embedding_bag` that sums each row's own slot rows alone in fp16 (`weak_bag`: 16 rows on 16
+adapters read only their own columns, at half the bytes), and on exact steps fp32 GEMMs over
+the used slots (`weak_product`). On packed steps a row's numbers do not depend on what else
+shares the step.
+
 A row's result depends on the step's kind, never on the step's size or on which other requests
 share it. Knows the packed layout; nothing about models, requests or adapters by name.
 """
@@ -24,7 +31,7 @@ share it. Knows the packed layout; nothing about models, requests or adapters by
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +62,24 @@ class CpuPlan:
     weight: torch.Tensor | None  # [out, in] resident dense copy in `dtype`, or None
     int4: Int4Weight | None = None
     idx: torch.Tensor | None = None  # long [k]: the weak-column indices, converted once
+    _slot0: list = field(default_factory=lambda: [None, None, -1], repr=False, compare=False)
+
+    def table0(self, weak: WeakColumns) -> torch.Tensor:
+        """Slot 0 of the table (the base's weak columns) [k, out] in `dtype`: converted once,
+        and again only after the table was written (an offline merge writes slot 0 in place,
+        a load writes other slots; both bump the tensor's version counter)."""
+        table = weak.table
+        if table.dtype == self.dtype:
+            return table[0]
+        try:
+            version = table._version
+        except RuntimeError:  # an inference tensor keeps no version: convert every call
+            return table[0].to(self.dtype)
+        converted, seen, seen_version = self._slot0
+        if seen is not table or seen_version != version:
+            converted = table[0].to(self.dtype)
+            self._slot0[:] = [converted, table, version]
+        return converted
 
 
 def layer_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,9 +170,86 @@ def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False)
     return F.linear(x, packed.dequantize(x.dtype).t().contiguous() if weight is None else weight)
 
 
+def weak_bag(
+    x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor, bags: tuple | None = None
+) -> torch.Tensor:
+    """The weak part of rows on adapters in packed steps: x[..., idx] @ table[slot(row)] for
+    x [B, T, in], slots long [B] -> [B, T, out] in the table's dtype (fp16, as adapters are
+    stored: half the bytes of fp32; the inputs are rounded to it, sums run in fp32).
+
+    One `embedding_bag` over the slot table seen as [(S+1)·k, out]: each token is a bag of its
+    slot's k rows weighted by its k gathered inputs. It reads only the rows of the slots the
+    batch uses and does no work for other slots (the one-hot GEMM of `weak_product` does U
+    times the work, which 16 rows on 16 adapters paid), and each bag is summed alone, so a
+    row's result does not depend on the other rows of the step. `bags`: `bags_of(slots, T, k)`
+    when the caller has it. Twin: `reference.weak_columns_product` on the same inputs."""
+    b, t, _ = x.shape
+    table = weak.table
+    k, out = table.shape[1], table.shape[2]
+    xk = x.index_select(-1, weak.idx.to(torch.long)).reshape(-1).to(table.dtype)
+    rows, offsets = bags if bags is not None else bags_of(slots, t, k)
+    y = torch.embedding_bag(table.view(-1, out), rows, offsets, False, 0, False, xk)[0]
+    return y.view(b, t, out)
+
+
+def bags_of(slots: torch.Tensor, t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table rows [B·T·k], bag offsets [B·T]) of rows on `slots` with T tokens each and k weak
+    inputs: the `embedding_bag` operands of `weak_bag`."""
+    first = slots.to(torch.long) * k  # each row's first table row
+    if t > 1:
+        first = first.repeat_interleave(t)
+    rows = (first[:, None] + torch.arange(k, device=slots.device)).view(-1)
+    return rows, torch.arange(0, rows.numel(), k, device=slots.device)
+
+
+class _StepRows:
+    """What every layer of one packed step needs to know about its slots, made once: every
+    layer of a step gets the same slots tensor, so the last one seen is remembered (by
+    identity) with its split into rows on the base and rows on adapters and their bags."""
+
+    last: tuple[torch.Tensor | None, _StepRows | None] = (None, None)
+
+    def __init__(self, slots: torch.Tensor):
+        on = slots != 0
+        adapters = on.nonzero().view(-1)
+        self.base = self.adapters = None  # row indices; None: all or none of the rows
+        self.slots = slots  # the adapter rows' slots (all rows' when every row is on one)
+        if adapters.numel() == 0:
+            self.slots = None
+        elif adapters.numel() < slots.numel():
+            self.base, self.adapters = (~on).nonzero().view(-1), adapters
+            self.slots = slots.index_select(0, adapters)
+        self._bags: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def of(cls, slots: torch.Tensor) -> _StepRows:
+        seen, rows = cls.last
+        if seen is not slots or rows is None:
+            rows = cls(slots)
+            cls.last = (slots, rows)
+        return rows
+
+    def bags(self, t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if (t, k) not in self._bags:
+            self._bags[t, k] = bags_of(self.slots, t, k)
+        return self._bags[t, k]
+
+
+def base_columns(x: torch.Tensor, weak: WeakColumns, table0: torch.Tensor) -> torch.Tensor:
+    """x [M, in] -> x[:, idx] @ slot 0 [M, out] (`table0`: slot 0 in x's dtype), a row's bits the
+    same at any M: MKL's GEMM gives a row the same bits at every M >= 2 and y.addmm_ the bits of
+    y + this, but M = 1 takes a GEMV whose sums run in another order (which turned a seeded
+    request's tokens beside others), so a lone row runs as two. Measured on this build; the
+    seeded-tokens test on the default model pins it."""
+    xk = x.index_select(1, weak.idx.to(torch.long))
+    if xk.shape[0] == 1:
+        return (xk.expand(2, -1) @ table0)[:1]
+    return xk @ table0
+
+
 def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor) -> torch.Tensor:
-    """x[..., idx] @ table[slot(row)] for x [B, T, in], slots long [B] (`linear` runs the
-    slot-0-only case itself, in place).
+    """The weak part of exact steps: x[..., idx] @ table[slot(row)] for x [B, T, in], slots
+    long [B] (`linear` runs the slot-0-only case itself, in place), in x's dtype.
 
     Only the slots the batch uses are read (a step on one adapter costs what a step on the base
     does; a copy of a few slots' tables costs less than reading all, a copy of most costs more):
@@ -170,6 +272,26 @@ def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor) -> tor
     return (onehot.view(b * t, -1) @ table.view(-1, table.shape[-1])).view(b, t, -1)
 
 
+def _add_packed(
+    y: torch.Tensor, x: torch.Tensor, weak: WeakColumns, p: CpuPlan, step: _StepRows
+) -> torch.Tensor:
+    """The weak part of a packed step with rows on adapters, added into y [B, T, out] in place:
+    those rows through the fp16 bag, rows on the base (if any) through the fp32 GEMM, so that a
+    row gets the same numbers whatever else shares its step."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    b, t, _ = rows.shape
+    bags = step.bags(t, weak.table.shape[1])
+    if step.base is None:
+        return y.add_(weak_bag(rows, weak, step.slots, bags).view(y.shape))
+    out = y.view(b, t, -1)
+    part = weak_bag(rows.index_select(0, step.adapters), weak, step.slots, bags)
+    out.index_add_(0, step.adapters, part.to(y.dtype))
+    on_base = rows.index_select(0, step.base).reshape(-1, rows.shape[-1])
+    base = base_columns(on_base, weak, p.table0(weak)).view(-1, t, out.shape[-1])
+    out.index_add_(0, step.base, base)
+    return y
+
+
 def linear(
     x: torch.Tensor,
     p: CpuPlan,
@@ -187,10 +309,17 @@ def linear(
         return y
     if p.idx is not None:
         weak = WeakColumns(p.idx, weak.table)
-    if slots is None:  # every row on the base's columns: one gather and one fused GEMM
-        table = weak.table[0].to(x.dtype)
+    packed = fast and p.int4 is not None
+    if packed and slots is not None:  # rows on adapters: each its own fp16 bag
+        step = _StepRows.of(slots)
+        if step.slots is not None:
+            return _add_packed(y, x, weak, p, step)
+        slots = None  # every row on the base
+    if packed and x.shape[:-1].numel() == 1:  # a lone row as two, as the GEMM of any M >= 2
+        return y.add_(base_columns(x.reshape(1, -1), weak, p.table0(weak)).view(y.shape))
+    if slots is None:  # every row on the base's columns: one gather, one fused GEMM
         xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))
-        y.view(-1, y.shape[-1]).addmm_(xk, table)
+        y.view(-1, y.shape[-1]).addmm_(xk, p.table0(weak))
         return y
-    weak_part = weak_product(x.reshape(x.shape[0], -1, x.shape[-1]), weak, slots)
-    return y.add_(weak_part.view(y.shape))
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    return y.add_(weak_product(rows, weak, slots).view(y.shape))

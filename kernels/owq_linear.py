@@ -248,7 +248,7 @@ class OWQLinear(nn.Module):
     # adapter slots ------------------------------------------------------------------------
     def resize_slots(self, num_slots: int, dtype: torch.dtype | None = None) -> None:
         """Reallocate the slot table for `num_slots` adapter slots (zero), keeping slot 0; `dtype`
-        (default: as now) is float16 for the CUDA kernels, the compute dtype on the CPU."""
+        (default: as now) is float16 as stored, what the CUDA kernels and the CPU fast path read."""
         old = self.weak_table
         table = old.new_zeros(num_slots + 1, *old.shape[1:], dtype=dtype or old.dtype)
         table[0] = old[0]

@@ -96,7 +96,7 @@ def add_parser(sub) -> None:
         "with bf16 activations (every layer of at most 4 bits), or the fp32 dense GEMM as "
         "offline (`owq eval`, a resident fp32 copy). Steps that score their prompt's tokens "
         "(echo with logprobs) always run fp32. Seeded sampling gives the same tokens in any "
-        "batch on fp32; on int4 only for a request alone",
+        "batch on fp32; on int4 alone (in a batch usually, not always: see the README)",
     )
     p.add_argument(
         "--resident-dense",

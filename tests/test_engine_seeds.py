@@ -7,11 +7,13 @@
   order (~1e-5 of a logit), too little to move a draw here.
 - The CPU 4-bit decode kernel itself is batch invariant: a row's output is bit for bit the same
   in a step of any number of rows (the kernel follows the step's kind, not its size).
-- On the 4-bit decode path a seeded request is NOT yet batch invariant on a real model: the
-  attention over the cache, the weak-column product and the head GEMM differ by 1e-8..1e-5 with
-  the batch, and the kernel's bf16 activations turn such differences into whole bf16 steps
-  within a few tokens (the default model diverges after 13-30 tokens beside one other request).
-  That needs batch-invariant ops in `kernels/` and the runtime: pinned by a strict xfail below.
+- On the 4-bit decode path the weak-column part is one bag per row (`cpu_ops.weak_bag`), the
+  same kernel whatever the other rows' slots, and on the real model a seeded request's tokens
+  alone equal its tokens beside one and three other requests (tested below; it was a strict
+  xfail while a base row beside others took another kernel: the default model diverged after
+  13-30 tokens). Attention over the batch's longest cache can still differ in the last bits
+  with the batch, and bf16 activations can turn that into a token, so this is measured here,
+  not promised.
 """
 
 import asyncio
@@ -88,12 +90,11 @@ def test_seeded_tokens_are_the_same_in_any_batch_on_the_fp32_path(fp32_assets, a
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="attention, weak-column product and head GEMM are not batch invariant; the 4-bit "
-    "kernel's bf16 activations amplify it (needs batch-invariant ops in kernels/ and the runtime)",
-)
 def test_seeded_tokens_on_the_packed_path_of_the_default_model(tmp_path):
+    """On the real model's packed path a seeded request's tokens alone equal its tokens beside
+    one and three other requests at other positions. The weak part is one bag per row
+    (`cpu_ops.weak_bag`); before it, a base row beside others took another kernel and its
+    tokens changed here (this test was a strict xfail)."""
     from owq.builtin.model import ModelMissing, load_float_model
     from owq.kernels import OWQLinear
     from owq.kernels.checkpoint import QuantConfig, save_checkpoint
@@ -114,11 +115,16 @@ def test_seeded_tokens_on_the_packed_path_of_the_default_model(tmp_path):
     async def main():
         target = request(engine, "Once upon a time, in a small village by the sea,", **SEEDED)
         alone = token_ids(await collect(engine, target))
-        other = request(engine, "Dear Sir, I write to you", rid="o", max_tokens=40, seed=1,
-                        temperature=0.9)  # fmt: skip
-        together = await asyncio.gather(collect(engine, target), collect(engine, other))
+        others = [
+            request(engine, prompt, rid=f"o{i}", max_tokens=40, seed=i, temperature=0.9)
+            for i, prompt in enumerate(["Dear Sir, I write to you", "The history of", "In the"])
+        ]
+        beside_one = await asyncio.gather(collect(engine, others[0]), collect(engine, target))
+        beside_three = await asyncio.gather(
+            *(collect(engine, r) for r in others), collect(engine, target)
+        )
         await engine.stop()
-        return alone, token_ids(together[0])
+        return alone, token_ids(beside_one[-1]), token_ids(beside_three[-1])
 
-    alone, together = asyncio.run(main())
-    assert together == alone
+    alone, beside_one, beside_three = asyncio.run(main())
+    assert len(alone) > 10 and beside_one == alone and beside_three == alone

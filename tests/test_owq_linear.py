@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from owq.kernels import OWQLinear
-from owq.kernels.cpu_ops import layer_codes, weak_product
+from owq.kernels.cpu_ops import layer_codes, weak_bag, weak_product
 from owq.kernels.reference import owq_matmul, weak_columns_product
 from owq.kernels.types import WeakColumns
 
@@ -103,6 +103,64 @@ def test_weak_product_of_the_slots_a_batch_uses_equals_the_twin(slots):
     x, slots = torch.randn(4, 3, IN, generator=gen), torch.tensor(slots)
     want = weak_columns_product(x, weak, slots)
     torch.testing.assert_close(weak_product(x, weak, slots), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("slots", [[2, 2, 2, 2], [3, 1, 0, 2], [1, 0, 1, 0]], ids=str)
+def test_weak_bag_equals_the_twin_and_each_row_alone(slots, t):
+    """The fast kernel of the weak part: on an fp32 table the twin's numbers; on the fp16 table
+    (as stored) the twin on the same fp16 inputs within fp16 rounding of the sum; either way a
+    row's result is bit for bit what it is alone or beside any other slots."""
+    layer, _, _ = build(k=8, seed=4)
+    layer.resize_slots(3)
+    gen = torch.Generator().manual_seed(5)
+    for s in range(1, 4):
+        layer.set_slot(s, torch.randn(8, OUT, generator=gen).half())
+    x, slots = torch.randn(4, t, IN, generator=gen) * 4, torch.tensor(slots)
+    exact = WeakColumns(layer.outlier_idx, layer.weak_table.float())
+    want = weak_columns_product(x, exact, slots)
+    torch.testing.assert_close(weak_bag(x, exact, slots), want, rtol=1e-6, atol=1e-5)
+    half = WeakColumns(layer.outlier_idx, layer.weak_table)  # fp16
+    got = weak_bag(x, half, slots)
+    assert got.dtype == torch.float16
+    want = weak_columns_product(x.half().float(), exact, slots)
+    torch.testing.assert_close(got.float(), want, rtol=2**-10, atol=1e-3)
+    for row in range(4):
+        alone = weak_bag(x[row : row + 1], half, slots[row : row + 1])
+        assert torch.equal(got[row : row + 1], alone)
+
+
+@pytest.mark.parametrize("slots", [[0, 0, 0], [2, 1, 2], [0, 2, 1], [1, 0, 0]], ids=str)
+def test_packed_steps_give_a_row_the_numbers_it_gets_alone(slots):
+    """A packed (fast) step is the 4-bit dense part plus, per row, the fp16 bag of its adapter's
+    columns or the fp32 GEMM on the base's. A row's numbers are bit for bit those it gets
+    alone, beside any slots; an exact step is the fp32 GEMM whatever the slots."""
+    from owq.kernels.cpu_ops import base_columns, dense
+
+    layer, _, _ = build(bits=3, group_size=-1, k=8, seed=6, bias=False)
+    layer.resize_slots(2)
+    gen = torch.Generator().manual_seed(7)
+    for s in (1, 2):
+        layer.set_slot(s, torch.randn(8, OUT, generator=gen).half())
+    layer.prepare(torch.float32, int4=True, resident=False)
+    assert layer.cpu.int4 is not None
+    x = torch.randn(3, 1, IN, generator=gen) * 4
+    slots = torch.tensor(slots)
+    weak = WeakColumns(layer.outlier_idx, layer.weak_table)
+    part = dense(x, layer.cpu, layer.packed, fast=True)
+    got = layer(x, slots, fast=True)
+    for row, slot in enumerate(slots.tolist()):
+        one, xr = slots[row : row + 1], x[row : row + 1]
+        if slot:
+            want = part[row] + weak_bag(xr, weak, one)[0]
+        else:
+            want = part[row] + base_columns(xr[:, 0], weak, layer.weak_table[0].float())
+        assert torch.equal(got[row], want)
+        assert torch.equal(got[row], layer(xr, one, fast=True)[0])
+        assert torch.equal(got[row], layer(xr, None if slot == 0 else one, fast=True)[0])
+    exact = layer(x, slots)  # fp32; the packed path rounds activations and its sums to bf16
+    torch.testing.assert_close(got, exact, rtol=0, atol=2**-7 * float(exact.abs().max()))
+    assert torch.equal(layer(x, None), layer(x, torch.zeros(3, dtype=torch.long)))
 
 
 @pytest.mark.parametrize("slots", [[1, 2, 3, 0, 1], [2, 0, 2, 0, 2]], ids=str)

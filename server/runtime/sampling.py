@@ -1,7 +1,7 @@
 """Token choice from logits: greedy, temperature, top-k, top-p, with one seeded generator per
 request (the draw of a row depends on its seed and its logits only; the logits themselves are
-batch-invariant on the fp32 path, not on the 4-bit decode kernel: see the README), and
-log-probabilities with top-N.
+batch-invariant on the fp32 path, usually but not always on the 4-bit path: see the README),
+and log-probabilities with top-N.
 
 Pure functions of tensors and plain numbers; knows nothing about requests, tokenizers or caches.
 """

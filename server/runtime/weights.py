@@ -30,7 +30,7 @@ class Weights:
         self.tensors = tensors
         self.dtype, self.device = dtype, torch.device(device)
         self.num_slots = num_slots
-        self.table_dtype = table_dtype or (torch.float16 if self.device.type == "cuda" else dtype)
+        self.table_dtype = table_dtype or torch.float16  # as stored: adapters are fp16
         self.targets: dict[str, tuple[OWQLinear, int]] = {}
 
     def has(self, name: str) -> bool:
