@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -175,9 +176,16 @@ def find(rows: list[Scenario], server: str, clients: int, adapters: int = 0):
 
 
 def ratio_floor(name: str, a: Scenario | None, b: Scenario | None, key: str, threshold: float):
+    """a's `key` over b's; a side whose requests failed (or made no tokens) fails the floor
+    with no value, rather than dividing by nothing."""
     if a is None or b is None:
         return None
-    value = getattr(a, key) / max(getattr(b, key), 1e-9)
+    broken = [s for s in (a, b) if s.errors or not getattr(s, key)]
+    if broken:
+        why = "; ".join(f"{s.server}: {', '.join(s.errors) or 'no tokens'}" for s in broken)
+        return {"floor": name, "value": math.nan, "threshold": threshold, "passed": False,
+                "note": f"not measured ({why})"}  # fmt: skip
+    value = getattr(a, key) / getattr(b, key)
     return {"floor": name, "value": value, "threshold": threshold, "passed": value >= threshold}
 
 
@@ -287,7 +295,8 @@ def main(argv=None) -> int:
     print_table(rows, notes)
     for r in checks:
         verdict = "PASS" if r["passed"] else "FAIL"
-        print(f"floor: {r['floor']}: {r['value']:.2f} (>= {r['threshold']}) {verdict}")
+        note = f" {r['note']}" if "note" in r else ""
+        print(f"floor: {r['floor']}: {r['value']:.2f} (>= {r['threshold']}) {verdict}{note}")
     keys = ("quick", "max_tokens", "clients", "per_client", "rounds", "load_rounds")
     report = {
         "ckpt": str(args.ckpt), **{k: getattr(args, k) for k in keys},

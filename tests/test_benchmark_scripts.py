@@ -24,3 +24,16 @@ def test_benchmark_answers_help(script):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout and "example" in done.stdout.lower()
+
+
+def test_a_floor_against_a_failed_reference_fails_instead_of_dividing_by_nothing():
+    from serving import ratio_floor
+    from serving_clients import Scenario
+
+    owq = Scenario("owq", "owq", 1, 0, requests=7, tokens=896, decode_tokens_per_s=47.1)
+    llama = Scenario("llama", "llama.cpp", 1, 0, errors=["All connection attempts failed"])
+    check = ratio_floor("batch-1", owq, llama, "decode_tokens_per_s", 1.0)
+    assert not check["passed"] and "connection attempts failed" in check["note"]
+    llama = Scenario("llama", "llama.cpp", 1, 0, requests=7, tokens=896, decode_tokens_per_s=94.2)
+    check = ratio_floor("batch-1", owq, llama, "decode_tokens_per_s", 1.0)
+    assert check["value"] == pytest.approx(0.5) and not check["passed"]
