@@ -6,7 +6,8 @@ The bytes of a plan are exact, not estimated: the planned tensors (every name, d
 the checkpoint will hold) are serialized empty with safetensors, header included. `uniform`
 spends the budget on the paper's per-layer rule (Appendix D.2) with the protected rows
 `--head-protect` asks for; `global` ranks every weak column of every linear and every row of the
-vocabulary table by loss-unit benefit per byte (`fisher.py`) and takes the best while they fit,
+vocabulary table by loss-unit benefit per byte (`fisher.py`; rows protected by frequency are
+scored as a prefix of the frequency order, `prefix_scores`) and takes the best while they fit,
 then trims or tops up against the exact size, so the file lands within one column or row of the
 target. Knows the `Family` table and the allocation maths; nothing about the CLI.
 """
@@ -26,7 +27,7 @@ from .allocation import LayerShape, uniform_from_target
 from .driver import single_thread
 from .fisher import fisher_pass
 from .settings import QuantizeSettings
-from .vocab import row_saliency
+from .vocab import row_saliency, token_counts
 from .weak_columns import column_sensitivity
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,32 @@ def uniform_whole(model, family, shapes: list[LayerShape], s: QuantizeSettings) 
     return WholePlan(best, rows, None, size, target)
 
 
-def _items(model, family, shapes, s: QuantizeSettings, stats) -> tuple:
+def prefix_scores(benefit: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Scores for items that can only be taken as a prefix of `order`: each item's benefit
+    replaced by the mean of its block in the non-increasing fit along `order` (pool adjacent
+    violators: the slopes of the least concave majorant of the cumulative benefit). Any greedy
+    by score then takes a prefix, and a prefix that ends on a block boundary is valued at its
+    true total benefit."""
+    values = benefit[order].double().tolist()
+    blocks: list[list[float]] = []  # [sum, count], means non-increasing
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted = torch.cat([torch.full((int(n),), t / n, dtype=torch.float64) for t, n in blocks])
+    out = torch.empty_like(fitted)
+    out[order] = fitted
+    return out
+
+
+def _items(model, family, shapes, s: QuantizeSettings, stats, counts=None) -> tuple:
     """(score, cost in bytes, owner) of every candidate: each column of each linear (owner =
-    the layer's index in `shapes`) and, with a quantized table, each vocabulary row (owner -1)."""
+    the layer's index in `shapes`) and, with a quantized table, each vocabulary row (owner -1).
+    A row's score is its loss-unit benefit; under `--head-protect-by frequency` (`counts`: the
+    calibration token counts) the quantizer protects the most frequent rows, so rows are scored
+    as a prefix of that order: the budget values the rows that will be protected."""
     scores, costs, owners = [], [], []
     with single_thread():
         for i, shape in enumerate(shapes):
@@ -142,6 +166,9 @@ def _items(model, family, shapes, s: QuantizeSettings, stats) -> tuple:
             head = model.get_output_embeddings()
             st, table = stats[family.head], linear_weight(head).to(torch.float32)
             rows = row_saliency(table, st.lam, s.for_head(), None) * st.fisher
+            if s.head_protect_by == "frequency" and counts is not None:
+                order = torch.sort(counts, descending=True, stable=True).indices
+                rows = prefix_scores(rows, order)
             copies = 1 if head.weight is model.get_input_embeddings().weight else 2
             scores.append(rows.double())
             costs.append(torch.full((rows.numel(),), (table.shape[1] * 2 + 4) * copies))
@@ -156,7 +183,10 @@ def global_whole(model, family, shapes: list[LayerShape], s: QuantizeSettings, w
     fixed = planned_bytes(planned_tensors(model, family, s, {}, 0))
     _check_floor(fixed, target, s, fixed * s.target_bits / target)
     stats = fisher_pass(model, family, windows[:FISHER_WINDOWS], progress=progress)
-    score, cost, owner = _items(model, family, shapes, s, stats)
+    counts = None
+    if s.head_bits != 16 and s.head_protect_by == "frequency":
+        counts = token_counts(windows, linear_weight(model.get_output_embeddings()).shape[0])
+    score, cost, owner = _items(model, family, shapes, s, stats, counts)
     order = torch.sort(score / cost, descending=True, stable=True).indices
     taken = torch.cumsum(cost[order], 0) <= target - fixed
     chosen = order[taken].tolist()

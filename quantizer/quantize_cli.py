@@ -138,7 +138,9 @@ def _add_head_arguments(p) -> None:
         "--head-protect-by",
         choices=("error", "frequency"),
         default="error",
-        help="rank rows by λ-weighted quantization error or by calibration frequency",
+        help="rank rows by λ-weighted quantization error or by calibration frequency (with "
+        "--allocation global the budget then buys a prefix of the frequency order, valued at "
+        "those rows' loss-unit benefit)",
     )
     head.add_argument(
         "--head-weak-columns", type=int, default=0, metavar="K", help="fp16 weak columns (head)"

@@ -54,3 +54,37 @@ def test_a_target_below_the_codes_alone_is_refused(tmp_path):
 def test_whole_budget_needs_target_bits():
     with pytest.raises(ValueError, match="--budget whole needs --target-bits"):
         QuantizeSettings(budget="whole").resolved()
+
+
+def test_prefix_scores_value_a_frequency_prefix_at_its_true_benefit():
+    """Rows protected by frequency can only be taken as a prefix of the frequency order: their
+    scores are non-increasing along it, equal to the least concave majorant's slopes of the
+    cumulative benefit (never below it, equal at every block end), and sum to the benefit."""
+    from owq.quantizer.budget import prefix_scores
+
+    gen = torch.Generator().manual_seed(0)
+    benefit = torch.rand(200, generator=gen) ** 3
+    order = torch.randperm(200, generator=gen)
+    scores = prefix_scores(benefit, order)
+    along = scores[order]
+    assert torch.all(along[1:] <= along[:-1] + 1e-12)  # a greedy by score takes a prefix
+    cum_benefit = torch.cumsum(benefit[order].double(), 0)
+    cum_scores = torch.cumsum(along, 0)
+    assert torch.all(cum_scores >= cum_benefit - 1e-9)
+    ends = torch.nonzero(along[1:] < along[:-1] - 1e-12).view(-1)  # last item of each block
+    torch.testing.assert_close(cum_scores[ends], cum_benefit[ends])
+    torch.testing.assert_close(cum_scores[-1], cum_benefit[-1])
+    sorted_benefit = torch.sort(benefit, descending=True).values
+    by_value = torch.sort(benefit, descending=True).indices  # already non-increasing: unchanged
+    torch.testing.assert_close(prefix_scores(benefit, by_value)[by_value], sorted_benefit.double())
+
+
+def test_global_with_frequency_protection_spends_the_budget(tmp_path):
+    out, params = _quantize(
+        "llama", tmp_path, target_bits=5.0, allocation="global", head_protect_by="frequency",
+        **HEAD,
+    )  # fmt: skip
+    size, target = checkpoint_bits(out).file_bytes, int(5.0 * params / 8)
+    report = read_report(out)
+    smallest = min(2 * layer["out_features"] + 4 for layer in report["layers"])
+    assert 0 <= target - size <= max(smallest, 2 * 64 + 4), (target, size)
