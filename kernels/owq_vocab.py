@@ -18,6 +18,7 @@ from torch import nn
 
 from .owq_linear import OWQLinear
 from .packing import unpack_codes, unpack_zeros
+from .types import index_problem
 
 
 class OWQVocab(OWQLinear):
@@ -74,10 +75,7 @@ class OWQVocab(OWQLinear):
         super()._load_from_state_dict(state, prefix, metadata, strict, missing, unexpected, errors)
         self._zeros = None
         rows = self.protected_idx.long()
-        ok = rows.numel() == 0 or (
-            int(rows.min()) >= 0 and int(rows.max()) < self.out_features
-            and bool((rows[1:] > rows[:-1]).all())
-        )  # fmt: skip
+        ok = index_problem(rows, self.out_features) is None
         if not ok or tuple(self.protected_weight.shape) != (rows.numel(), self.in_features):
             shape = f"[{self.out_features}, {self.in_features}]"
             errors.append(f"{prefix}protected rows: not sorted unique rows of a table {shape}")

@@ -27,6 +27,7 @@ from .families import Family, family_of
 from .owq_linear import OWQLinear
 from .owq_vocab import OWQVocab
 from .packing import stored_layout
+from .types import index_problem
 
 PLAN_FORMAT = "owq-weak-column-plan"
 PLAN_VERSION = 1
@@ -105,12 +106,8 @@ def _checked_layer(entry, where: str) -> LayerPlan:
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise PlanError(f"{where}: a layer needs name, in, out and weak_idx ({e!r})") from None
-    idx = layer.weak_idx
-    if list(idx) != sorted(set(idx)) or (idx and not 0 <= idx[0] <= idx[-1] < layer.in_features):
-        raise PlanError(
-            f"{where}: layer {layer.name}: weak_idx must be sorted, unique and in "
-            f"[0, {layer.in_features})"
-        )
+    if problem := index_problem(torch.tensor(layer.weak_idx, dtype=torch.long), layer.in_features):
+        raise PlanError(f"{where}: layer {layer.name}: weak_idx {problem}")
     return layer
 
 

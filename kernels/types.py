@@ -89,10 +89,15 @@ class WeakColumns:
         idx = self.idx
         if idx.dim() != 1 or idx.dtype != torch.int32:
             raise ValueError(f"outlier_idx must be int32 [k], got {idx.dtype} {tuple(idx.shape)}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= in_features):
-            raise ValueError(
-                f"outlier_idx must lie in [0, {in_features}), got [{int(idx.min())}, "
-                f"{int(idx.max())}]"
-            )
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            raise ValueError("outlier_idx must be sorted and unique")
+        if problem := index_problem(idx, in_features):
+            raise ValueError(f"outlier_idx {problem}")
+
+
+def index_problem(idx: torch.Tensor, size: int) -> str | None:
+    """Why the indices idx [k] are not sorted, unique and inside [0, size), or None when they
+    are: the one check of weak columns, protected rows and plans."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        return f"must lie in [0, {size}), got [{int(idx.min())}, {int(idx.max())}]"
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        return "must be sorted and unique"
+    return None

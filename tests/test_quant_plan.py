@@ -129,7 +129,7 @@ def test_an_edited_or_missing_plan_is_refused(base, model_dir, tmp_path, capsys)
     assert "neither a checkpoint dir nor a plan file" in _fail(capsys, argv)
     data["layers"][0]["weak_idx"] = [5, 5]
     plan_file.write_text(json.dumps(data | {"fingerprint": None}))
-    with pytest.raises(PlanError, match="sorted, unique"):
+    with pytest.raises(PlanError, match="sorted and unique"):
         read_plan_file(plan_file)
 
 
