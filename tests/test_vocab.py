@@ -140,3 +140,13 @@ def test_head_bits_16_checkpoint_bytes_did_not_change(tmp_path):
     )
     digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     assert digest == "04e21226dbd2e32c950a2f40eb3b58a04726aa9d8f71bb63e94e22ad7e9f4aca"
+
+
+@pytest.mark.parametrize("rows", [[100, 5, 7], [5, 5, 7], [5, 7, V]], ids=str)
+def test_a_table_with_unsorted_or_outside_protected_rows_is_refused_at_load(rows):
+    good = table()[0].state_dict()
+    bad = {**good, "protected_idx": torch.tensor(rows, dtype=good["protected_idx"].dtype)}
+    fresh, _ = table()
+    with pytest.raises(RuntimeError, match="protected rows"):
+        fresh.load_state_dict(bad)
+    fresh.load_state_dict(good)  # the same table with its own rows loads
