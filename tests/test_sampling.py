@@ -10,7 +10,6 @@ from owq.server.runtime.sampling import (
     filter_logits,
     make_generator,
     sample_row,
-    sample_rows,
 )
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf"), 1.5])
@@ -22,15 +21,6 @@ def frequencies(params: RowSampling, n: int = 40000, seed: int = 0) -> torch.Ten
     for _ in range(n):
         counts[sample_row(LOGITS, params, gen)] += 1
     return counts / n
-
-
-def test_greedy_rows_are_argmax_and_sampled_rows_use_their_generator():
-    logits = torch.stack([LOGITS, LOGITS.flip(0)])
-    greedy = RowSampling(temperature=0.0)
-    assert sample_rows(logits, [greedy, greedy], [None, None]) == [0, 7]
-    params = [RowSampling(temperature=1.0)] * 2
-    a = [sample_rows(logits, params, [make_generator(s), make_generator(s + 1)]) for s in (3, 3)]
-    assert a[0] == a[1]
 
 
 def test_same_seed_same_draws_other_seed_other_draws():

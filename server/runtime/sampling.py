@@ -59,17 +59,6 @@ def sample_row(logits: torch.Tensor, params: RowSampling, generator: torch.Gener
     return draw(torch.softmax(scaled, dim=-1), generator)
 
 
-def sample_rows(
-    logits: torch.Tensor, params: list[RowSampling], generators: list[torch.Generator]
-) -> list[int]:
-    """logits: [B, V]. Greedy rows share one argmax; sampled rows draw one by one."""
-    chosen = torch.argmax(logits, dim=-1).tolist()
-    for row, p in enumerate(params):
-        if p.temperature > 0.0:
-            chosen[row] = sample_row(logits[row], p, generators[row])
-    return chosen
-
-
 def make_generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     if seed is None:
