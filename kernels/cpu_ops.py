@@ -18,7 +18,7 @@ not score its prompt's tokens):
   this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
 
 The weak part (x[..., idx] times each row's slot of the table, fp16 as stored): rows on the base
-take the fp32 GEMM on slot 0 (`base_columns`); on packed fast steps, rows on adapters take one
+take the fp32 GEMM on slot 0 (`add_base_columns`); on packed fast steps, rows on adapters take one
 `embedding_bag` that sums each row's own slot rows alone in fp16 (`weak_bag`: 16 rows on 16
 adapters read only their own columns, at half the bytes), and on exact steps fp32 GEMMs over
 the used slots (`weak_product`). On packed steps a row's numbers do not depend on what else
@@ -235,16 +235,19 @@ class _StepRows:
         return self._bags[t, k]
 
 
-def base_columns(x: torch.Tensor, weak: WeakColumns, table0: torch.Tensor) -> torch.Tensor:
-    """x [M, in] -> x[:, idx] @ slot 0 [M, out] (`table0`: slot 0 in x's dtype), a row's bits the
-    same at any M: MKL's GEMM gives a row the same bits at every M >= 2 and y.addmm_ the bits of
-    y + this, but M = 1 takes a GEMV whose sums run in another order (which turned a seeded
-    request's tokens beside others), so a lone row runs as two. Measured on this build; the
-    seeded-tokens test on the default model pins it."""
+def add_base_columns(
+    y: torch.Tensor, x: torch.Tensor, weak: WeakColumns, table0: torch.Tensor, lone_as_two: bool
+) -> None:
+    """y [M, out] += x[:, idx] [M, k] @ slot 0 (`table0`, in x's dtype), in place: one gather,
+    one GEMM. `lone_as_two` (packed steps): a row's bits the same at any M. MKL's GEMM gives a
+    row the same bits at every M >= 2, but M = 1 takes a GEMV whose sums run in another order
+    (which turned a seeded request's tokens beside others), so a lone row runs as two. Measured
+    on this build; the seeded-tokens test on the default model pins it."""
     xk = x.index_select(1, weak.idx.to(torch.long))
-    if xk.shape[0] == 1:
-        return (xk.expand(2, -1) @ table0)[:1]
-    return xk @ table0
+    if lone_as_two and xk.shape[0] == 1:
+        y.add_((xk.expand(2, -1) @ table0)[:1])
+    else:
+        y.addmm_(xk, table0)
 
 
 def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor) -> torch.Tensor:
@@ -287,8 +290,9 @@ def _add_packed(
     part = weak_bag(rows.index_select(0, step.adapters), weak, step.slots, bags)
     out.index_add_(0, step.adapters, part.to(y.dtype))
     on_base = rows.index_select(0, step.base).reshape(-1, rows.shape[-1])
-    base = base_columns(on_base, weak, p.table0(weak)).view(-1, t, out.shape[-1])
-    out.index_add_(0, step.base, base)
+    base = out.new_zeros(on_base.shape[0], out.shape[-1])
+    add_base_columns(base, on_base, weak, p.table0(weak), lone_as_two=True)
+    out.index_add_(0, step.base, base.view(-1, t, out.shape[-1]))
     return y
 
 
@@ -315,11 +319,9 @@ def linear(
         if step.slots is not None:
             return _add_packed(y, x, weak, p, step)
         slots = None  # every row on the base
-    if packed and x.shape[:-1].numel() == 1:  # a lone row as two, as the GEMM of any M >= 2
-        return y.add_(base_columns(x.reshape(1, -1), weak, p.table0(weak)).view(y.shape))
-    if slots is None:  # every row on the base's columns: one gather, one fused GEMM
-        xk = x.reshape(-1, x.shape[-1]).index_select(1, weak.idx.to(torch.long))
-        y.view(-1, y.shape[-1]).addmm_(xk, p.table0(weak))
+    if slots is None:  # every row on the base's columns
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        add_base_columns(y2, x2, weak, p.table0(weak), lone_as_two=packed)
         return y
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     return y.add_(weak_product(rows, weak, slots).view(y.shape))
