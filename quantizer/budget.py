@@ -166,7 +166,7 @@ def _items(model, family, shapes, s: QuantizeSettings, stats, counts=None) -> tu
             head = model.get_output_embeddings()
             st, table = stats[family.head], linear_weight(head).to(torch.float32)
             rows = row_saliency(table, st.lam, s.for_head(), None) * st.fisher
-            if s.head_protect_by == "frequency" and counts is not None:
+            if counts is not None:  # rows protected by frequency
                 order = torch.sort(counts, descending=True, stable=True).indices
                 rows = prefix_scores(rows, order)
             copies = 1 if head.weight is model.get_input_embeddings().weight else 2
