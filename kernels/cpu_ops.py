@@ -159,7 +159,7 @@ def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     if q.correction is not None:  # the zero term of codes stored as they are, in fp32
         sums = xb.float().view(x.shape[0], -1, q.group_size).sum(-1)  # [M, groups]
         y = torch.addmm(y, sums, q.correction)
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False) -> torch.Tensor:
@@ -243,7 +243,8 @@ def add_base_columns(
     row the same bits at every M >= 2, but M = 1 takes a GEMV whose sums run in another order
     (which turned a seeded request's tokens beside others), so a lone row runs as two. Measured
     on this build; the seeded-tokens test on the default model pins it."""
-    xk = x.index_select(1, weak.idx.to(torch.long))
+    idx = weak.idx if weak.idx.dtype == torch.long else weak.idx.long()
+    xk = x.index_select(1, idx)
     if lone_as_two and xk.shape[0] == 1:
         y.add_((xk.expand(2, -1) @ table0)[:1])
     else:

@@ -105,13 +105,17 @@ class OWQLinear(nn.Module):
         """[k, out]: the base's own weak columns (slot 0), or the float32 master in WCT mode."""
         return self.trainable if self.trainable is not None else self.weak_table[0]
 
+    # the two views below read `_buffers` directly: they are built on every forward, and the
+    # module's attribute fallback costs more than the rest of a decode step's bookkeeping
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(self.qweight, self.scales, self.qzeros, self.bits, self.group_size)
+        b = self._buffers
+        return PackedWeight(b["qweight"], b["scales"], b["qzeros"], self.bits, self.group_size)
 
     @property
     def weak(self) -> WeakColumns:
-        return WeakColumns(self.outlier_idx, self.weak_table)
+        b = self._buffers
+        return WeakColumns(b["outlier_idx"], b["weak_table"])
 
     def extra_repr(self) -> str:
         return (

@@ -2,6 +2,7 @@
 step-by-step decode, rows at different positions in one batch, per-row adapter slots."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -141,3 +142,30 @@ def test_default_model_runtime_matches_transformers():
     for t in range(n - 3, n):
         step = run(rt, cache, ids[:, t : t + 1], 1, t, logits="last")[0]
         torch.testing.assert_close(step, ref[t], atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["heads", "flat"])
+def test_one_row_slice_write_equals_indexed_write(layout):
+    """A step of one row at consecutive positions writes by slice; it must put every key and
+    value where the general indexed write does, in both layouts the runtimes pass ([B, T, H, D]
+    and [B, T, H*D]), in a middle cache row, leaving the other rows untouched."""
+    from owq.server.runtime.kv_cache import CacheShape
+
+    shape = CacheShape(layers=2, rows=3, kv_heads=2, max_context=16, head_dim=4)
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 5, 2, 4, generator=gen)
+    v = torch.randn(1, 5, 2, 4, generator=gen)
+    if layout == "flat":
+        k, v = k.reshape(1, 5, 8), v.reshape(1, 5, 8)
+    positions = torch.arange(3, 8)[None]
+    sliced = step_index(shape, 1, positions)
+    assert sliced.start == 3
+    indexed = dataclasses.replace(sliced, start=None)  # the same step, written by index
+    caches = [KVCache(shape), KVCache(shape)]
+    for cache, step in zip(caches, (sliced, indexed), strict=True):
+        cache.write(1, k, v, step)
+    for a, b in ((caches[0].k[1], caches[1].k[1]), (caches[0].v[1], caches[1].v[1])):
+        assert torch.equal(a, b)
+        assert a[1, :, 3:8].abs().sum() > 0 and a[0].abs().sum() == 0 and a[2].abs().sum() == 0
+    assert step_index(shape, 1, torch.tensor([[3, 5]])).start is None  # not consecutive
+    assert step_index(shape, 0, torch.arange(3, 5).expand(2, 2)).start is None  # two rows

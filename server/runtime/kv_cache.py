@@ -38,6 +38,7 @@ class StepIndex:
     length: int
     decode: bool = False  # a decode step (one new token per running row), not a prefill
     fast: bool = False  # the layers may take their fast kernels (not when prompts are scored)
+    start: int | None = None  # one row whose tokens sit at start, start+1, ...: a slice write
 
     @property
     def rows(self) -> slice:
@@ -53,8 +54,15 @@ class KVCache:
         self.v = [torch.zeros(size, **kw) for _ in range(shape.layers)]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: StepIndex) -> None:
-        """k, v: [B, T, H, D] (the projections' natural layout), written at step.positions."""
+        """k, v: [B, T, H, D] or [B, T, H*D] (the projections' natural layout), written at
+        step.positions."""
         d = self.shape.head_dim
+        if step.start is not None:  # one row, consecutive positions: a plain slice copy
+            t = k.shape[1]
+            span = slice(step.start, step.start + t)
+            self.k[layer][step.row0, :, span].copy_(k[0].reshape(t, -1, d).transpose(0, 1))
+            self.v[layer][step.row0, :, span].copy_(v[0].reshape(t, -1, d).transpose(0, 1))
+            return
         self.k[layer].view(-1, d).index_copy_(0, step.write_index, k.reshape(-1, d))
         self.v[layer].view(-1, d).index_copy_(0, step.write_index, v.reshape(-1, d))
 
@@ -96,13 +104,18 @@ def step_index(
     base = (rows[:, None, None] * heads + torch.arange(heads, device=positions.device)) * ctx
     write_index = (base + positions[:, :, None]).reshape(-1)  # [B, T, H] -> [B*T*H]
     length = int(positions.max()) + 1
+    start = None
+    if batch == 1:
+        first = int(positions[0, 0])
+        span = torch.arange(first, first + positions.shape[1], device=positions.device)
+        if torch.equal(positions[0], span):
+            start = first
     mask = None  # one row decoding attends to its whole cache: no mask at all
     if not (decode and batch == 1):
         keys = torch.arange(length, device=positions.device)
         mask = (keys[None, None, None, :] <= positions[:, None, :, None]).contiguous()
-    return StepIndex(
-        row0, positions, write_index, mask, length, decode, decode if fast is None else fast
-    )
+    fast = decode if fast is None else fast
+    return StepIndex(row0, positions, write_index, mask, length, decode, fast, start)
 
 
 def group_mask(mask: torch.Tensor | None, groups: int) -> torch.Tensor | None:

@@ -19,12 +19,13 @@ from .kv_cache import CacheShape
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D]; normalised in fp32 like LlamaRMSNorm, weight applied in x's dtype (fp32: the
-    fused op, one kernel instead of six)."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """x: [..., D]; normalised in fp32 like LlamaRMSNorm, in its order of operations, weight
+    applied in x's dtype. Written out: on the CPU `F.rms_norm` is a composite of more ops (a
+    division among them) and was slower per decode step."""
+    if x.dtype == torch.float32:
+        return (x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).mul_(weight)
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
     return weight * h.to(x.dtype)
 
 
@@ -96,8 +97,10 @@ def rope_tables(inv_freq: torch.Tensor, scaling: float, max_context: int):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x: [B, T, H, D]; cos, signed_sin: [B, T, 1, D] (rows of `rope_tables` at each token's
-    position): x·cos + rotate_half(x)·sin in three ops."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    position): x·cos + rotate_half(x)·sin in three ops (the halves swapped by one flip, which
+    copies once where `roll` slices and concatenates)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
 def prepare_layers(

@@ -78,21 +78,24 @@ class LlamaBlock(nn.Module):
             q, k = qk.split([a.heads, a.kv_heads], dim=2)
             q_norm, k_norm = self.qk_norms
             qk = torch.cat([rms_norm(q, q_norm, a.eps), rms_norm(k, k_norm, a.eps)], dim=2)
-        return apply_rope(qk, *rope).split([a.heads, a.kv_heads], dim=2)  # q, k at once
+        qk = apply_rope(qk, *rope)  # q, k at once; sliced, not split: fewer ops per step
+        return qk[:, :, : a.heads], qk[:, :, a.heads :]
 
     def forward(self, x, rope, step: StepIndex, mask, cache: KVCache, slots):
         # x: [B, T, E]; rope: (cos, sin) [B, T, 1, D]; mask: [B, 1, G*T, L]
         b, t, _ = x.shape
         a = self.args
         h = rms_norm(x, self.attn_norm, a.eps)
-        qk, v = self.qkv(h, slots, step.fast).split([self.qk_size, self.qkv_sizes[2]], dim=-1)
+        qkv = self.qkv(h, slots, step.fast)
+        qk, v = qkv[..., : self.qk_size], qkv[..., self.qk_size :]
         q, k = self._qk(qk.view(b, t, a.heads + a.kv_heads, a.head_dim), rope)
         cache.write(self.index, k, v, step)
         keys, values = cache.read(self.index, step)  # [B, Hkv, L, D]
         x = x + self.o(attention(q, keys, values, mask, self.scale), slots, step.fast)
         h = rms_norm(x, self.mlp_norm, a.eps)
-        gate, up = self.gate_up(h, slots, step.fast).split(self.mlp_sizes, dim=-1)
-        return x + self.down(self.act(gate) * up, slots, step.fast)
+        gate_up = self.gate_up(h, slots, step.fast)
+        gate, up = gate_up[..., : self.mlp_sizes[0]], gate_up[..., self.mlp_sizes[0] :]
+        return x + self.down(self.act(gate).mul_(up), slots, step.fast)
 
 
 class LlamaRuntime(Runtime):
