@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .packing import unpack_codes, unpack_zeros
+from .packing import column_chunks, unpack_codes, unpack_zeros
 from .types import PackedWeight, WeakColumns
 
 log = logging.getLogger(__name__)
@@ -101,20 +101,33 @@ def int4_group(packed: PackedWeight) -> int:
     return fits[0] if fits else 0
 
 
+def int4_codes(packed: PackedWeight, zeros: torch.Tensor, centred: bool) -> torch.Tensor:
+    """int32 [out, in]: the codes as the 4-bit kernel stores them, q − z + 8 when `centred`
+    (2/3 bits: in [1, 15]), q as it is otherwise (4 bits: [0, 15]); unpacked a chunk of output
+    rows at a time (`column_chunks`), so the head's int64 temporaries stay small."""
+    g = packed.group_index()
+    stored = torch.empty(packed.out_features, packed.in_features, dtype=torch.int32)
+    for rows in column_chunks(packed.out_features):
+        codes = unpack_codes(packed.qweight[:, rows], packed.bits)  # int64 [in, rows]
+        if centred:
+            codes = codes - zeros[:, rows][g] + 8
+        stored[rows] = codes.t()
+    return stored
+
+
 def int4_weight(packed: PackedWeight, group: int) -> Int4Weight | None:
     """The 4-bit kernel's operands (codes unpacked once), or None where this torch build refuses
     the layout."""
-    codes, zeros, scale = layer_codes(packed)
+    zeros = unpack_zeros(packed.qzeros, packed.bits, packed.out_features)  # [groups, out]
     centred = packed.bits <= 3
-    stored = codes - zeros + 8 if centred else codes  # in [1, 15] / [0, 15]
+    stored = int4_codes(packed, zeros, centred)
     per = packed.in_features if packed.group_size == -1 else packed.group_size
     scale_g = packed.scales.to(torch.bfloat16)  # [groups, out]
     kernel_scale = scale_g.repeat_interleave(per // group, 0)  # [in / group, out]
     pair = torch.stack([kernel_scale, torch.zeros_like(kernel_scale)], -1)
     correction = None
     if not centred:
-        zero_g = zeros.t()[::per]  # [groups, out]
-        correction = (8 - zero_g).float() * scale_g.float()
+        correction = (8 - zeros).float() * scale_g.float()
     try:
         layout = torch._convert_weight_to_int4pack_for_cpu(stored, 1)
     except RuntimeError as e:  # a layout this torch build refuses: the dense path serves it

@@ -157,9 +157,17 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense weight [in, out] from the packed parts: (q - z[g(i)]) * s[g(i)]."""
-    codes = unpack_codes(qweight, bits)
-    in_features, out_features = codes.shape
+    in_features, out_features = qweight.shape[0] * 32 // bits, qweight.shape[1]
     zeros = unpack_zeros(qzeros, bits, out_features)
-    groups = group_index(in_features, group_size, codes.device)
-    centered = (codes - zeros[groups]).to(torch.float32)
-    return (centered * scales.to(torch.float32)[groups]).to(dtype)
+    groups = group_index(in_features, group_size, qweight.device)
+    dense = torch.empty(in_features, out_features, dtype=dtype, device=qweight.device)
+    for cols in column_chunks(out_features):  # int64 temporaries of a chunk, not of the layer
+        centered = (unpack_codes(qweight[:, cols], bits) - zeros[:, cols][groups]).float()
+        dense[:, cols] = centered * scales[:, cols].float()[groups]
+    return dense
+
+
+def column_chunks(columns: int, chunk: int = 1024) -> list[slice]:
+    """Slices of at most `chunk` output columns: a wide layer (an LM head of 49,152 rows) is
+    unpacked a chunk at a time, so its int64 temporaries stay a few MiB, not GiBs."""
+    return [slice(start, min(start + chunk, columns)) for start in range(0, columns, chunk)]

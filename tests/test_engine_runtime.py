@@ -169,3 +169,33 @@ def test_one_row_slice_write_equals_indexed_write(layout):
         assert a[1, :, 3:8].abs().sum() > 0 and a[0].abs().sum() == 0 and a[2].abs().sum() == 0
     assert step_index(shape, 1, torch.tensor([[3, 5]])).start is None  # not consecutive
     assert step_index(shape, 0, torch.arange(3, 5).expand(2, 2)).start is None  # two rows
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_cpu_cache_is_resident_only_where_written():
+    """A server's CPU cache (16 rows x 2048 positions here: 192 MiB) costs resident memory for
+    the positions written, not for rows x max_context; it reads as zeros until written."""
+    from owq.server.runtime.kv_cache import CacheShape
+
+    shape = CacheShape(layers=4, rows=16, kv_heads=3, max_context=2048, head_dim=64)
+    nominal = 2 * 4 * 16 * 3 * 2048 * 64 * 4 / 2**20
+    before = resident_mib()
+    cache = KVCache(shape)
+    assert resident_mib() - before < 0.05 * nominal
+    for layer in range(shape.layers):  # one row's first 64 positions in every layer
+        cache.k[layer][3, :, :64] = 1.0
+        cache.v[layer][3, :, :64] = 2.0
+    assert resident_mib() - before < 0.1 * nominal
+    assert all(t.shape == (16, 3, 2048, 64) and t.is_contiguous() for t in cache.k + cache.v)
+    assert (
+        float(cache.k[2][3].sum()) == 3 * 64 * 64 and float(cache.v[1][3].sum()) == 2 * 3 * 64 * 64
+    )
+    assert (
+        int(torch.count_nonzero(cache.k[0][:3])) == 0
+        and int(torch.count_nonzero(cache.v[3][4:])) == 0
+    )

@@ -3,29 +3,30 @@
 import pytest
 import torch
 
-from owq.kernels import OWQLinear
-from owq.kernels.cpu_ops import layer_codes, weak_bag, weak_product
+from owq.kernels import OWQLinear, cpu_ops
+from owq.kernels.cpu_ops import int4_codes, int4_twin, layer_codes, weak_bag, weak_product
+from owq.kernels.packing import unpack_zeros
 from owq.kernels.reference import owq_matmul, weak_columns_product
 from owq.kernels.types import WeakColumns
 
 IN, OUT = 128, 48
 
 
-def build(bits=3, group_size=32, k=8, seed=0, bias=True):
+def build(bits=3, group_size=32, k=8, seed=0, bias=True, out=OUT):
     """A layer from random codes plus the exact float weight those codes stand for."""
     gen = torch.Generator().manual_seed(seed)
     groups = 1 if group_size == -1 else IN // group_size
-    codes = torch.randint(0, 2**bits, (OUT, IN), generator=gen)
-    zeros = torch.randint(0, 2**bits, (groups, OUT), generator=gen)
-    scales = (torch.rand(groups, OUT, generator=gen) * 0.1 + 0.01).half()
+    codes = torch.randint(0, 2**bits, (out, IN), generator=gen)
+    zeros = torch.randint(0, 2**bits, (groups, out), generator=gen)
+    scales = (torch.rand(groups, out, generator=gen) * 0.1 + 0.01).half()
     idx = torch.randperm(IN, generator=gen)[:k]
-    weak = torch.randn(OUT, k, generator=gen).half()
-    b = torch.randn(OUT, generator=gen).half() if bias else None
+    weak = torch.randn(out, k, generator=gen).half()
+    b = torch.randn(out, generator=gen).half() if bias else None
     layer = OWQLinear.from_codes(codes, scales, zeros, bits, group_size, idx, weak, b)
     g = torch.arange(IN) // (IN if group_size == -1 else group_size)
-    dense = (codes - zeros[g].t()).float() * scales.float()[g].t()  # [OUT, IN]
+    dense = (codes - zeros[g].t()).float() * scales.float()[g].t()  # [out, IN]
     dense[:, idx] = weak.float()
-    return layer, dense, (b.float() if bias else torch.zeros(OUT))
+    return layer, dense, (b.float() if bias else torch.zeros(out))
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 17])
@@ -65,6 +66,28 @@ def test_layer_codes_times_scale_is_the_dense_part(bits, group_size):
     weak = codes[:, layer.outlier_idx.long()]
     assert bool((weak == zeros[:, layer.outlier_idx.long()]).all())
     torch.testing.assert_close((codes - zeros).float() * scale, dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, -1), (4, 32), (2, 64)])
+def test_wide_layer_unpacks_by_chunks_exactly(bits, group_size):
+    """A layer wider than one unpacking chunk (as an LM head is, a chunk of output rows at a
+    time): its dense weight and the 4-bit kernel's codes are what the one-piece formula gives,
+    and the kernel's product is its exact emulation's."""
+    out = 2 * 1024 + 80  # two whole chunks and a ragged third
+    layer, _, _ = build(bits, group_size, k=8, bias=False, out=out)
+    codes, zeros, scale = layer_codes(layer.packed)  # unpacked in one piece
+    dense = layer.packed.dequantize(torch.float32).t()
+    assert torch.equal(dense, (codes - zeros).float() * scale)
+    centred = bits <= 3
+    zero_g = unpack_zeros(layer.packed.qzeros, bits, out)
+    assert torch.equal(
+        int4_codes(layer.packed, zero_g, centred), codes - zeros + 8 if centred else codes
+    )
+    plan = layer.prepare(torch.float32, int4=True, resident=False)
+    assert plan.int4 is not None
+    x = torch.randn(3, IN, generator=torch.Generator().manual_seed(2))
+    y = cpu_ops.dense(x, plan, layer.packed, fast=True)
+    torch.testing.assert_close(y, int4_twin(x, layer.packed), rtol=2**-8, atol=1e-5)
 
 
 def test_outlier_idx_sorted_unique_and_oweight_follows():

@@ -1,14 +1,17 @@
 """Fixed-slot KV cache and the attention over it, shared by every model family.
 
-One pair of tensors per layer, `[rows, kv_heads, max_context, head_dim]`, allocated once: each
-batch row owns one cache row and its own position. A step writes its new keys/values in place
-(`index_copy_` at per-row positions) and attends over `cache[rows, :, :length]` with an explicit
-mask, so rows at different positions share one batched call. Knows nothing about requests,
-adapters or a model family's layer names.
+One pair of tensors per layer, `[rows, kv_heads, max_context, head_dim]`, allocated once (on
+the CPU as zero pages that become resident as they are written: memory follows the positions
+used, not rows × max_context): each batch row owns one cache row and its own position. A step
+writes its new keys/values in place (`index_copy_` at per-row positions; a slice for one row)
+and attends over `cache[rows, :, :length]` with an explicit mask, so rows at different positions
+share one batched call. Knows nothing about requests, adapters or a model family's layer names.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -45,10 +48,26 @@ class StepIndex:
         return slice(self.row0, self.row0 + self.positions.shape[0])
 
 
+def lazy_zeros(count: int, size: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """`count` zero CPU tensors of `size` in one anonymous memory map: the kernel hands out
+    zero pages as they are first written, so resident memory follows the positions a server
+    has used, not rows × max_context (`torch.zeros` writes, and so commits, every page)."""
+    per = math.prod(size) * dtype.itemsize
+    if per == 0:
+        return [torch.zeros(size, dtype=dtype) for _ in range(count)]
+    memory = mmap.mmap(-1, per * count)
+    flat = torch.frombuffer(memory, dtype=dtype)  # keeps `memory` alive while a view does
+    return [flat[i * (per // dtype.itemsize) :][: math.prod(size)].view(size) for i in range(count)]
+
+
 class KVCache:
     def __init__(self, shape: CacheShape):
         self.shape = shape
         size = (shape.rows, shape.kv_heads, shape.max_context, shape.head_dim)
+        if torch.device(shape.device).type == "cpu":
+            self.k = lazy_zeros(shape.layers, size, shape.dtype)
+            self.v = lazy_zeros(shape.layers, size, shape.dtype)
+            return
         kw = {"dtype": shape.dtype, "device": shape.device}
         self.k = [torch.zeros(size, **kw) for _ in range(shape.layers)]
         self.v = [torch.zeros(size, **kw) for _ in range(shape.layers)]
