@@ -37,3 +37,19 @@ def test_a_floor_against_a_failed_reference_fails_instead_of_dividing_by_nothing
     llama = Scenario("llama", "llama.cpp", 1, 0, requests=7, tokens=896, decode_tokens_per_s=94.2)
     check = ratio_floor("batch-1", owq, llama, "decode_tokens_per_s", 1.0)
     assert check["value"] == pytest.approx(0.5) and not check["passed"]
+
+
+def test_ab_decode_base_tree_is_what_its_workers_import(tmp_path):
+    """The A/B benchmark's base tree must shadow the installed checkout in its workers, or it
+    would time this checkout against itself."""
+    from ab_decode import export_tree
+
+    tree = export_tree("HEAD", tmp_path)
+    code = "import owq.kernels.cpu_ops as c, owq.server.runtime as r; print(c.__file__, r.__file__)"
+    env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = done.stdout.split()
+    assert files and all(Path(f).is_relative_to(tree) for f in files), files
