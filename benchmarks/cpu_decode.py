@@ -2,14 +2,17 @@
 
 `kernels/cpu_ops.py` runs fast steps (decode, and prompts not scored) on the codes repacked as
 4-bit (bf16 activations), and steps that score a prompt on the fp32 dense weight. This measures
-what that buys and costs,
-on the runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows; teacher-forced perplexity
-on Persuasion where every token goes through a one-token decode step (so the 4-bit kernel scores
-every token); and greedy agreement, the share of generated tokens equal to the fp32 run's.
+what that buys and costs, on the runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows;
+teacher-forced perplexity on Persuasion where every token goes through a one-token decode step
+(so the 4-bit kernel scores every token); and greedy agreement, the share of generated tokens
+equal to the fp32 run's. `--split` instead times where one row's step goes: the 4-bit GEMMs
+alone, the whole layer ops (weak parts included), the step (what is left is dispatch, norms,
+RoPE and attention).
 
 examples:
   python benchmarks/cpu_decode.py                      # default checkpoint, ~3 minutes
   python benchmarks/cpu_decode.py --ckpt CKPT --tokens 512 --json out.json
+  python benchmarks/cpu_decode.py --split --json benchmarks/results/cpu_decode_split.json
 """
 
 from __future__ import annotations
@@ -66,6 +69,38 @@ def latency_ms(runtime, cache, rows: int, steps: int = 48) -> float:
     return 1e3 * (time.perf_counter() - start) / steps
 
 
+def split_ms(runtime, cache, rounds: int = 8, steps: int = 24) -> dict:
+    """Where a lone row's decode step goes, medians over interleaved rounds: every packed
+    projection's 4-bit GEMM alone, back to back on an input of its width (`gemms`); the same
+    projections as whole layer ops, their weak parts included (`layers`); the step itself."""
+    from owq.kernels import OWQLinear, cpu_ops
+
+    layers = [m for m in runtime.modules() if isinstance(m, OWQLinear) and m.cpu is not None]
+    layers = [m for m in layers if m.cpu.int4 is not None]
+    inputs = [torch.randn(1, m.in_features) for m in layers]
+
+    def gemms():
+        for m, x in zip(layers, inputs, strict=True):
+            cpu_ops.dense(x, m.cpu, m.packed, fast=True)
+
+    def layer_ops():
+        for m, x in zip(layers, inputs, strict=True):
+            m(x, None, True)
+
+    def timed(run) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        return 1e3 * (time.perf_counter() - start) / steps
+
+    times = {"gemms": [], "layers": [], "step": []}
+    for _ in range(rounds):
+        times["gemms"].append(timed(gemms))
+        times["layers"].append(timed(layer_ops))
+        times["step"].append(latency_ms(runtime, cache, 1, steps))
+    return {"projections": len(layers)} | {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def decode_perplexity(runtime, cache, ids: list[int]) -> float:
     """Every token through a one-token step: exp(mean NLL of ids[1:])."""
     nll = 0.0
@@ -111,7 +146,26 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=512, help="Persuasion tokens scored by decode")
     p.add_argument("--new", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/cpu_decode.json"))
+    p.add_argument(
+        "--split", action="store_true", help="only where a lone row's step goes (~1 minute)"
+    )
     return p.parse_args(argv)
+
+
+def print_split(ckpt: Path, out: Path) -> None:
+    runtime, cache = build(ckpt, True, 1)
+    with torch.inference_mode():
+        split = split_ms(runtime, cache)
+    n = split["projections"]
+    print(f"one row's decode step, ms (median of interleaved rounds), {n} packed projections")
+    print(f"{'4-bit GEMMs alone':32} {split['gemms']:8.2f}")
+    print(f"{'+ weak parts (the layer ops)':32} {split['layers']:8.2f}")
+    print(f"{'the whole step':32} {split['step']:8.2f}")
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    result = {"checkpoint": str(ckpt), "machine": machine, "date": time.strftime("%Y-%m-%d")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result | {"split_ms": split}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -122,6 +176,9 @@ def main(argv=None) -> int:
     from owq.quantizer.texts import eval_text
 
     ckpt = args.ckpt or default_checkpoint()
+    if args.split:
+        print_split(ckpt, args.json)
+        return 0
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok(eval_text("persuasion")[:20000]).input_ids[: args.tokens]
     prompts = [tok(p).input_ids for p in PROMPTS]
