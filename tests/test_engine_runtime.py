@@ -199,3 +199,29 @@ def test_cpu_cache_is_resident_only_where_written():
         int(torch.count_nonzero(cache.k[0][:3])) == 0
         and int(torch.count_nonzero(cache.v[3][4:])) == 0
     )
+    cache.k[0][5, :, :64] = 4.0
+    cache.zero(3)  # a poisoned row: its pages are given back, the other rows keep theirs
+    assert int(torch.count_nonzero(cache.k[2][3])) == 0
+    assert float(cache.k[0][5].sum()) == 4 * 3 * 64 * 64
+    cache.zero()  # a failed step: the whole cache reads zero, and is not made resident
+    assert all(int(torch.count_nonzero(t)) == 0 for t in cache.k + cache.v)
+    assert resident_mib() - before < 0.1 * nominal
+
+
+@pytest.mark.parametrize("rows,context", [(3, 5), (4, 100), (2, 700)])
+def test_cpu_cache_zeroes_rows_of_any_size(rows, context):
+    """Rows under a page, and rows whose ends fall inside pages, zero exactly (the whole pages
+    given back, the partial ones written), and no other row changes."""
+    from owq.server.runtime.kv_cache import CacheShape
+
+    shape = CacheShape(layers=3, rows=rows, kv_heads=2, max_context=context, head_dim=8)
+    cache = KVCache(shape)
+    gen = torch.Generator().manual_seed(rows + context)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    kept = [t.clone() for t in cache.k + cache.v]
+    cache.zero(1)
+    others = [r for r in range(rows) if r != 1]
+    for t, old in zip(cache.k + cache.v, kept, strict=True):
+        assert int(torch.count_nonzero(t[1])) == 0
+        assert torch.equal(t[others], old[others])

@@ -48,25 +48,49 @@ class StepIndex:
         return slice(self.row0, self.row0 + self.positions.shape[0])
 
 
-def lazy_zeros(count: int, size: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
-    """`count` zero CPU tensors of `size` in one anonymous memory map: the kernel hands out
-    zero pages as they are first written, so resident memory follows the positions a server
-    has used, not rows × max_context (`torch.zeros` writes, and so commits, every page)."""
-    per = math.prod(size) * dtype.itemsize
-    if per == 0:
-        return [torch.zeros(size, dtype=dtype) for _ in range(count)]
-    memory = mmap.mmap(-1, per * count)
-    flat = torch.frombuffer(memory, dtype=dtype)  # keeps `memory` alive while a view does
-    return [flat[i * (per // dtype.itemsize) :][: math.prod(size)].view(size) for i in range(count)]
+class ZeroPages:
+    """`count` zero CPU tensors of `size` in one private anonymous memory map: the kernel hands
+    out zero pages as they are first written, so resident memory follows the positions a
+    server has used, not rows × max_context (`torch.zeros` writes, and so commits, every page).
+    `clear` zeroes by giving pages back, so zeroing does not commit them either."""
+
+    def __init__(self, count: int, size: tuple[int, ...], dtype: torch.dtype):
+        self.count, self.size = count, size
+        self.bytes = math.prod(size) * dtype.itemsize  # per tensor
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        self.memory = mmap.mmap(-1, max(mmap.PAGESIZE, self.bytes * count), flags=flags)
+        n = math.prod(size)
+        flat = torch.frombuffer(self.memory, dtype=dtype, count=n * count)  # keeps the map alive
+        self.tensors = [flat[i * n : (i + 1) * n].view(size) for i in range(count)]
+
+    def clear(self, row: int | None = None) -> None:
+        """Zero every tensor's `row` (its first index), or all of every tensor: whole pages are
+        given back (they read as zeros again), the rest written."""
+        if row is None:
+            self.memory.madvise(mmap.MADV_DONTNEED)
+            return
+        per_row = self.bytes // self.size[0]
+        for i, tensor in enumerate(self.tensors):
+            start = i * self.bytes + row * per_row
+            first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = (start + per_row) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last - first < mmap.PAGESIZE:  # under a page: write the zeros
+                tensor[row].zero_()
+                continue
+            self.memory.madvise(mmap.MADV_DONTNEED, first, last - first)
+            flat = tensor[row].view(-1).view(torch.uint8)  # the partial pages at both ends
+            flat[: first - start].zero_()
+            flat[last - start :].zero_()
 
 
 class KVCache:
     def __init__(self, shape: CacheShape):
         self.shape = shape
         size = (shape.rows, shape.kv_heads, shape.max_context, shape.head_dim)
+        self.pages: list[ZeroPages] = []
         if torch.device(shape.device).type == "cpu":
-            self.k = lazy_zeros(shape.layers, size, shape.dtype)
-            self.v = lazy_zeros(shape.layers, size, shape.dtype)
+            self.pages = [ZeroPages(shape.layers, size, shape.dtype) for _ in "kv"]
+            self.k, self.v = (pages.tensors for pages in self.pages)
             return
         kw = {"dtype": shape.dtype, "device": shape.device}
         self.k = [torch.zeros(size, **kw) for _ in range(shape.layers)]
@@ -91,7 +115,12 @@ class KVCache:
         return self.k[layer][rows, :, : step.length], self.v[layer][rows, :, : step.length]
 
     def zero(self, row: int | None = None) -> None:
-        """Zero one cache row (all layers), or the whole cache when `row` is None."""
+        """Zero one cache row (all layers), or the whole cache when `row` is None; on the CPU
+        by giving the pages back, so that a failed step does not make the whole cache resident."""
+        if self.pages:
+            for pages in self.pages:
+                pages.clear(row)
+            return
         for k, v in zip(self.k, self.v, strict=True):
             (k if row is None else k[row]).zero_()
             (v if row is None else v[row]).zero_()
