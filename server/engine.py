@@ -11,7 +11,6 @@ request at the next step. Knows nothing about HTTP, JSON or auth.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -43,6 +42,7 @@ from .protocol import (
     temperature_ok,
 )
 from .runtime import KVCache, build_runtime, step_index
+from .runtime.layers import trim_heap
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -287,24 +287,15 @@ class Engine:
             self.scheduler.report()
 
     def _warm_up(self) -> None:
-        """Build the runtime's fused weights and run one token, before reporting ready."""
+        """Build the runtime's fused weights and run one token, before reporting ready: a fast
+        step, as serving runs (only prompts that are scored take the exact kernels, whose
+        transient dense layers would set the process's peak memory here for nothing)."""
         self.runtime.prepare(self.config.packed_decode, self.config.resident_dense)
         device = self.config.device
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
-        step = step_index(self.cache.shape, 0, positions)
+        step = step_index(self.cache.shape, 0, positions, fast=True)
         self.runtime(positions, step, self.cache, None, "last")
-        trim_heap()
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system (glibc keeps what loading and repacking
-    the weights freed: ~0.4 GiB of resident memory on the default model); a no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+        trim_heap()  # what the warm-up's transient dense layers freed
 
 
 def check_params(p) -> None:
