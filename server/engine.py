@@ -42,7 +42,7 @@ from .protocol import (
     temperature_ok,
 )
 from .runtime import KVCache, build_runtime, step_index
-from .runtime.layers import trim_heap
+from .runtime.heap import trim_heap
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class Engine:
         positions = torch.zeros(1, 1, dtype=torch.long, device=device)
         step = step_index(self.cache.shape, 0, positions, fast=True)
         self.runtime(positions, step, self.cache, None, "last")
-        trim_heap()  # what the warm-up's transient dense layers freed
+        trim_heap()  # what building the runtime freed
 
 
 def check_params(p) -> None:

@@ -144,11 +144,12 @@ def test_default_model_runtime_matches_transformers():
         torch.testing.assert_close(step, ref[t], atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["heads", "flat"])
+@pytest.mark.parametrize("layout", ["heads", "flat", "chunk"])
 def test_one_row_slice_write_equals_indexed_write(layout):
     """A step of one row at consecutive positions writes by slice; it must put every key and
-    value where the general indexed write does, in both layouts the runtimes pass ([B, T, H, D]
-    and [B, T, H*D]), in a middle cache row, leaving the other rows untouched."""
+    value where the general indexed write does, in the layouts the runtimes pass ([B, T, H, D],
+    [B, T, H*D], and [B, T, H*D] views chunked out of a fused qkv), in a middle cache row,
+    leaving the other rows untouched."""
     from owq.server.runtime.kv_cache import CacheShape
 
     shape = CacheShape(layers=2, rows=3, kv_heads=2, max_context=16, head_dim=4)
@@ -157,6 +158,10 @@ def test_one_row_slice_write_equals_indexed_write(layout):
     v = torch.randn(1, 5, 2, 4, generator=gen)
     if layout == "flat":
         k, v = k.reshape(1, 5, 8), v.reshape(1, 5, 8)
+    if layout == "chunk":
+        q = torch.randn(1, 5, 8, generator=gen)
+        _, k, v = torch.cat([q, k.reshape(1, 5, 8), v.reshape(1, 5, 8)], -1).chunk(3, dim=-1)
+        assert not k.is_contiguous()
     positions = torch.arange(3, 8)[None]
     sliced = step_index(shape, 1, positions)
     assert sliced.start == 3
@@ -168,6 +173,7 @@ def test_one_row_slice_write_equals_indexed_write(layout):
         assert torch.equal(a, b)
         assert a[1, :, 3:8].abs().sum() > 0 and a[0].abs().sum() == 0 and a[2].abs().sum() == 0
     assert step_index(shape, 1, torch.tensor([[3, 5]])).start is None  # not consecutive
+    assert step_index(shape, 1, torch.arange(14, 17)[None]).start is None  # past the cache
     assert step_index(shape, 0, torch.arange(3, 5).expand(2, 2)).start is None  # two rows
 
 
@@ -203,6 +209,10 @@ def test_cpu_cache_is_resident_only_where_written():
     cache.zero(3)  # a poisoned row: its pages are given back, the other rows keep theirs
     assert int(torch.count_nonzero(cache.k[2][3])) == 0
     assert float(cache.k[0][5].sum()) == 4 * 3 * 64 * 64
+    cache.k[1][0, :, :64] = 5.0  # where a row past the end of layer 0 would fall
+    with pytest.raises(IndexError):
+        cache.zero(16)  # refused before any page is given back
+    assert float(cache.k[1][0].sum()) == 5 * 3 * 64 * 64
     cache.zero()  # a failed step: the whole cache reads zero, and is not made resident
     assert all(int(torch.count_nonzero(t)) == 0 for t in cache.k + cache.v)
     assert resident_mib() - before < 0.1 * nominal

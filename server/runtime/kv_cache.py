@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,38 +50,57 @@ class StepIndex:
 
 
 class ZeroPages:
-    """`count` zero CPU tensors of `size` in one private anonymous memory map: the kernel hands
-    out zero pages as they are first written, so resident memory follows the positions a
-    server has used, not rows × max_context (`torch.zeros` writes, and so commits, every page).
-    `clear` zeroes by giving pages back, so zeroing does not commit them either."""
+    """`count` zero CPU tensors of `size` in one private anonymous memory map (Linux: see
+    `available`): the kernel hands out zero pages as they are first written, so resident memory
+    follows the positions a server has used, not rows × max_context (`torch.zeros` writes, and
+    so commits, every page; no huge pages, which would commit 2 MiB at a time). `clear` zeroes
+    by giving pages back, so zeroing does not commit them either."""
+
+    @staticmethod
+    def available() -> bool:
+        """Only Linux promises that a private anonymous page given back reads as zero again."""
+        return sys.platform.startswith("linux") and hasattr(mmap, "MAP_ANONYMOUS")
 
     def __init__(self, count: int, size: tuple[int, ...], dtype: torch.dtype):
         self.count, self.size = count, size
         self.bytes = math.prod(size) * dtype.itemsize  # per tensor
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        self.memory = mmap.mmap(-1, max(mmap.PAGESIZE, self.bytes * count), flags=flags)
+        self._memory = mmap.mmap(-1, max(mmap.PAGESIZE, self.bytes * count), flags=flags)
+        self._export = memoryview(self._memory)  # the map cannot be closed under the tensors
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            self._memory.madvise(mmap.MADV_NOHUGEPAGE)
         n = math.prod(size)
-        flat = torch.frombuffer(self.memory, dtype=dtype, count=n * count)  # keeps the map alive
+        flat = torch.frombuffer(self._memory, dtype=dtype, count=n * count)
         self.tensors = [flat[i * n : (i + 1) * n].view(size) for i in range(count)]
 
     def clear(self, row: int | None = None) -> None:
         """Zero every tensor's `row` (its first index), or all of every tensor: whole pages are
         given back (they read as zeros again), the rest written."""
+        if row is not None and not 0 <= row < self.size[0]:
+            raise IndexError(f"row {row} out of range 0..{self.size[0] - 1}")
         if row is None:
-            self.memory.madvise(mmap.MADV_DONTNEED)
+            if not self._give_back(0, len(self._memory)):
+                for tensor in self.tensors:
+                    tensor.zero_()
             return
         per_row = self.bytes // self.size[0]
         for i, tensor in enumerate(self.tensors):
             start = i * self.bytes + row * per_row
             first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
             last = (start + per_row) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last - first < mmap.PAGESIZE:  # under a page: write the zeros
-                tensor[row].zero_()
+            if last - first < mmap.PAGESIZE or not self._give_back(first, last - first):
+                tensor[row].zero_()  # under a page, or pages that cannot be given back
                 continue
-            self.memory.madvise(mmap.MADV_DONTNEED, first, last - first)
             flat = tensor[row].view(-1).view(torch.uint8)  # the partial pages at both ends
             flat[: first - start].zero_()
             flat[last - start :].zero_()
+
+    def _give_back(self, start: int, length: int) -> bool:
+        try:
+            self._memory.madvise(mmap.MADV_DONTNEED, start, length)
+        except OSError:  # e.g. pages locked by mlockall
+            return False
+        return True
 
 
 class KVCache:
@@ -88,7 +108,7 @@ class KVCache:
         self.shape = shape
         size = (shape.rows, shape.kv_heads, shape.max_context, shape.head_dim)
         self.pages: list[ZeroPages] = []
-        if torch.device(shape.device).type == "cpu":
+        if torch.device(shape.device).type == "cpu" and ZeroPages.available():
             self.pages = [ZeroPages(shape.layers, size, shape.dtype) for _ in "kv"]
             self.k, self.v = (pages.tensors for pages in self.pages)
             return
@@ -152,11 +172,10 @@ def step_index(
     base = (rows[:, None, None] * heads + torch.arange(heads, device=positions.device)) * ctx
     write_index = (base + positions[:, :, None]).reshape(-1)  # [B, T, H] -> [B*T*H]
     length = int(positions.max()) + 1
-    start = None
-    if batch == 1:
-        first = int(positions[0, 0])
-        span = torch.arange(first, first + positions.shape[1], device=positions.device)
-        if torch.equal(positions[0], span):
+    start = None  # a slice write: one row on the CPU (no device sync), inside the cache
+    if batch == 1 and positions.device.type == "cpu":
+        first, t = int(positions[0, 0]), positions.shape[1]
+        if first + t <= ctx and torch.equal(positions[0], torch.arange(first, first + t)):
             start = first
     mask = None  # one row decoding attends to its whole cache: no mask at all
     if not (decode and batch == 1):

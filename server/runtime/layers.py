@@ -6,8 +6,6 @@ caches, requests or adapters.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 
 import torch
@@ -17,6 +15,7 @@ from torch import nn
 from owq.kernels import OWQLinear
 from owq.kernels.owq_vocab import OWQEmbedding
 
+from .heap import trim_heap
 from .kv_cache import CacheShape
 
 
@@ -115,24 +114,6 @@ def prepare_layers(
         if isinstance(layer, OWQLinear) and not looked_up and not layer.qweight.is_cuda:
             layer.prepare(dtype, int4, resident)
             trim_heap()  # else each layer's freed temporaries pile up under the kept codes
-
-
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the system; a no-op off glibc. glibc keeps what a
-    layer's repacking freed wherever a kept allocation sits above it: trimmed after every
-    layer, the default model's load peaks at ~0.7 GiB, not ~1.1 GiB."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
 
 
 class Runtime(nn.Module):

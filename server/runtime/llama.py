@@ -95,7 +95,7 @@ class LlamaBlock(nn.Module):
         h = rms_norm(x, self.mlp_norm, a.eps)
         gate_up = self.gate_up(h, slots, step.fast)
         gate, up = gate_up[..., : self.mlp_sizes[0]], gate_up[..., self.mlp_sizes[0] :]
-        return x + self.down(self.act(gate).mul_(up), slots, step.fast)
+        return x + self.down(self.act(gate) * up, slots, step.fast)
 
 
 class LlamaRuntime(Runtime):
