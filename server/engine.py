@@ -42,7 +42,7 @@ from .protocol import (
     temperature_ok,
 )
 from .runtime import KVCache, build_runtime, step_index
-from .runtime.heap import trim_heap
+from .runtime.heap import available_bytes, trim_heap
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class Engine:
         self.max_context = runtime.max_context
         self.vocab_size = runtime.vocab.size
         self.cache = KVCache(runtime.cache_shape(config.max_batch))
+        warn_if_cache_outgrows_memory(self.cache)
         self.slots = SlotTable(runtime.targets, config.slots)
         self.adapters = AdapterRegistry(
             adapters_dir, fingerprint, adapter_shapes(runtime.targets), model_name, observer,
@@ -296,6 +297,21 @@ class Engine:
         step = step_index(self.cache.shape, 0, positions, fast=True)
         self.runtime(positions, step, self.cache, None, "last")
         trim_heap()  # what building the runtime freed
+
+
+def warn_if_cache_outgrows_memory(cache: KVCache) -> None:
+    """A lazily committed cache lets a server start that cannot hold every row at full context:
+    say so at start-up, not when long requests run the machine out of memory."""
+    available = available_bytes()
+    if not cache.lazy or available is None or cache.nbytes <= available:
+        return
+    s = cache.shape
+    log.warning(
+        "the KV cache can grow to %.1f GiB (%d rows x %d positions), more than the %.1f GiB "
+        "this machine has available now; it becomes resident as it is used, so long requests "
+        "may run out of memory: lower --max-batch",
+        cache.nbytes / 2**30, s.rows, s.max_context, available / 2**30,
+    )  # fmt: skip
 
 
 def check_params(p) -> None:

@@ -235,3 +235,23 @@ def test_cpu_cache_zeroes_rows_of_any_size(rows, context):
     for t, old in zip(cache.k + cache.v, kept, strict=True):
         assert int(torch.count_nonzero(t[1])) == 0
         assert torch.equal(t[others], old[others])
+
+
+def test_a_cache_that_can_outgrow_memory_is_named_at_start(monkeypatch, caplog):
+    """A lazily committed cache lets a server start that cannot hold every row at full
+    context; the engine says so at start-up, with the size and the flag that shrinks it."""
+    from owq.server import engine
+    from owq.server.runtime.kv_cache import CacheShape
+
+    cache = KVCache(CacheShape(layers=2, rows=4, kv_heads=2, max_context=256, head_dim=8))
+    assert cache.lazy and cache.nbytes == 2 * 2 * 4 * 2 * 256 * 8 * 4
+    monkeypatch.setattr(engine, "available_bytes", lambda: cache.nbytes + 1)
+    with caplog.at_level("WARNING", logger="owq.server.engine"):
+        engine.warn_if_cache_outgrows_memory(cache)
+    assert not caplog.records
+    monkeypatch.setattr(engine, "available_bytes", lambda: cache.nbytes // 2)
+    with caplog.at_level("WARNING", logger="owq.server.engine"):
+        engine.warn_if_cache_outgrows_memory(cache)
+    (record,) = caplog.records
+    assert "4 rows x 256 positions" in record.getMessage()
+    assert "--max-batch" in record.getMessage()

@@ -116,6 +116,18 @@ class KVCache:
         self.k = [torch.zeros(size, **kw) for _ in range(shape.layers)]
         self.v = [torch.zeros(size, **kw) for _ in range(shape.layers)]
 
+    @property
+    def lazy(self) -> bool:
+        """Resident only where written (the CPU on Linux); else all committed up front."""
+        return bool(self.pages)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values at every row's full context."""
+        s = self.shape
+        per = s.rows * s.kv_heads * s.max_context * s.head_dim * s.dtype.itemsize
+        return 2 * s.layers * per
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: StepIndex) -> None:
         """k, v: [B, T, H, D] or [B, T, H*D] (the projections' natural layout), written at
         step.positions."""
