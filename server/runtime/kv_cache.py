@@ -62,7 +62,7 @@ class ZeroPages:
         return sys.platform.startswith("linux") and hasattr(mmap, "MAP_ANONYMOUS")
 
     def __init__(self, count: int, size: tuple[int, ...], dtype: torch.dtype):
-        self.count, self.size = count, size
+        self.size = size
         self.bytes = math.prod(size) * dtype.itemsize  # per tensor
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         self._memory = mmap.mmap(-1, max(mmap.PAGESIZE, self.bytes * count), flags=flags)
@@ -124,9 +124,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values at every row's full context."""
-        s = self.shape
-        per = s.rows * s.kv_heads * s.max_context * s.head_dim * s.dtype.itemsize
-        return 2 * s.layers * per
+        return sum(t.nbytes for t in self.k + self.v)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, step: StepIndex) -> None:
         """k, v: [B, T, H, D] or [B, T, H*D] (the projections' natural layout), written at
