@@ -57,14 +57,11 @@ def worker(ckpt: Path, rows: int, on: str) -> None:
     """Build the runtime, answer "ready", then for each stdin line N run N decode steps and
     print the mean ms per step."""
     import torch
+    from cpu_decode import build, step
 
     from owq.kernels import OWQLinear
-    from owq.kernels.checkpoint import read_checkpoint
-    from owq.server.runtime import KVCache, build_runtime, step_index
 
-    stored = read_checkpoint(ckpt)
-    runtime = build_runtime(stored.config, stored.tensors, 2048, num_slots=SLOTS)
-    runtime.prepare(packed=True)
+    runtime, cache = build(ckpt, True, rows, SLOTS)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in runtime.modules():
@@ -72,31 +69,23 @@ def worker(ckpt: Path, rows: int, on: str) -> None:
                 base = m.weak_table[:1].float()
                 noise = torch.randn(m.weak_table[1:].shape, generator=gen)
                 m.weak_table[1:] = (base * (1 + 0.01 * noise)).to(m.weak_table.dtype)
-    cache = KVCache(runtime.cache_shape(rows))
     slots = {
         "base": torch.zeros(rows, dtype=torch.long),
         "one": torch.ones(rows, dtype=torch.long),
         "distinct": torch.arange(rows) % SLOTS + 1,
     }[on]
-
-    def step(tokens, start):
-        b, t = tokens.shape
-        positions = torch.arange(start, start + t).expand(b, t).contiguous()
-        index = step_index(cache.shape, 0, positions, t == 1 and start > 0)
-        return runtime(tokens, index, cache, slots, "last")
-
     token = torch.full((rows, 1), 5)
     with torch.inference_mode():
-        step(torch.full((rows, 64), 5), 0)
+        step(runtime, cache, torch.full((rows, 64), 5), 0, slots=slots)
         for i in range(3):
-            step(token, 64 + i)
+            step(runtime, cache, token, 64 + i, slots=slots)
         print("ready", flush=True)
         position = 67
         for line in sys.stdin:
             n = int(line)
             start = time.perf_counter()
             for _ in range(n):
-                step(token, position)
+                step(runtime, cache, token, position, slots=slots)
                 position = position + 1 if position < 1000 else 67
             print(1e3 * (time.perf_counter() - start) / n, flush=True)
 

@@ -38,24 +38,25 @@ PROMPTS = [
 ]
 
 
-def build(ckpt: Path, packed: bool, rows: int):
+def build(ckpt: Path, packed: bool, rows: int, num_slots: int = 0):
     from owq.kernels.checkpoint import read_checkpoint
     from owq.server.runtime import KVCache, build_runtime
 
     stored = read_checkpoint(ckpt)
-    runtime = build_runtime(stored.config, stored.tensors, 2048)
+    runtime = build_runtime(stored.config, stored.tensors, 2048, num_slots=num_slots)
     runtime.prepare(packed=packed)
     return runtime, KVCache(runtime.cache_shape(rows))
 
 
-def step(runtime, cache, tokens: torch.Tensor, start: int, logits="last"):
-    """A prefill from position 0, a decode step (one token per row) after it."""
+def step(runtime, cache, tokens: torch.Tensor, start: int, logits="last", slots=None):
+    """A prefill from position 0, a decode step (one token per row) after it; `slots`: each
+    row's adapter slot (None: the base)."""
     from owq.server.runtime import step_index
 
     b, t = tokens.shape
     positions = torch.arange(start, start + t).expand(b, t).contiguous()
     decode = start > 0 and t == 1
-    return runtime(tokens, step_index(cache.shape, 0, positions, decode), cache, None, logits)
+    return runtime(tokens, step_index(cache.shape, 0, positions, decode), cache, slots, logits)
 
 
 def latency_ms(runtime, cache, rows: int, steps: int = 48) -> float:
