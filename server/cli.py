@@ -142,7 +142,8 @@ def add_ray_flags(p) -> None:
         "--ray-address",
         default=None,
         metavar="ADDR",
-        help="join this Ray cluster ('auto': the local node's); default: start a local one",
+        help="join this Ray cluster ('auto': the local node's), which must run with the "
+        "settings of server/ray_env.py in its environment; default: start a local one",
     )
     g.add_argument("--ray-replicas", type=_positive, default=2, metavar="N", help="replicas")
     g.add_argument(
@@ -237,6 +238,9 @@ def build_engine(ckpt: Path, adapters: Path | None, args, observer):
 
 def run(args) -> int:
     if args.ray:
+        from . import ray_env
+
+        ray_env.configure(local=not args.ray_address)  # before Ray is imported
         from .ray_serve import run as run_on_ray
 
         return run_on_ray(args)

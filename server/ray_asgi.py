@@ -1,10 +1,10 @@
 """One HTTP request run through an ASGI app in this process, as plain picklable values.
 
-Under Ray Serve the router hands a replica an `HttpRequest` (method, path, headers, body) and the
-replica runs it through its own FastAPI app (`server/app.py`, unchanged): `run_asgi` yields the
-app's ASGI messages as they are sent (a streamed response token by token), `respond` collects
-them into one `HttpResponse`. Closing the iterator tells the app the client left. Knows ASGI,
-not Ray, routes or the engine.
+Under Ray Serve a replica that answers for all replicas (`ray_router.cluster_answer`) reads the
+request (`read_request`) and hands every replica an `HttpRequest` (method, path, headers,
+body); each runs it through its own FastAPI app (`server/app.py`, unchanged): `run_asgi` yields
+the app's ASGI messages as they are sent, `respond` collects them into one `HttpResponse`.
+Closing the iterator tells the app the client left. Knows ASGI, not Ray, routes or the engine.
 """
 
 from __future__ import annotations
@@ -41,6 +41,24 @@ class HttpResponse:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     body: bytes = b""
     replica: str = ""
+
+
+async def read_request(scope: dict, receive, max_body_bytes: int) -> HttpRequest:
+    """An ASGI HTTP request as plain values; a body past the limit is cut one byte after it
+    (the app answers 413, by its Content-Length or by the bytes)."""
+    body = bytearray()
+    while len(body) <= max_body_bytes:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if not message.get("more_body", False):
+            break
+    client = tuple(scope["client"]) if scope.get("client") else None
+    return HttpRequest(
+        scope["method"], scope["path"], scope.get("query_string", b""),
+        tuple(scope["headers"]), bytes(body[: max_body_bytes + 1]), client,
+    )  # fmt: skip
 
 
 def scope_of(request: HttpRequest) -> dict:

@@ -1,14 +1,16 @@
 """A Ray Serve replica of the owq server: one engine and its FastAPI app, in one Ray actor.
 
 `EngineReplica(spec)` builds the engine (`Engine.from_checkpoint`) and the app (`create_app`:
-the same routes, errors, limits, tenancy and metrics as `owq serve`), starts the engine's model
-thread and answers the router (`ray_router.py`): `forward` streams the app's response to one
-request, `respond` returns a whole one (the router broadcasts `/metrics` and adapter changes
-to every replica). Both add `X-OWQ-Replica`, this replica's id. The adapter a request names is
-Ray's multiplexed model id: `forward` hands it to the `@serve.multiplexed` loader first, which
-loads it into the engine's adapter registry and tells Ray's router that this replica holds it;
-when Ray's LRU (`--ray-max-adapters-per-replica`) evicts it, it is unloaded from the registry
-too, so what the router believes a replica holds is what it holds. Knows no routing policy.
+the same routes, errors, limits, tenancy and metrics as `owq serve`) and starts the engine's
+model thread. The replica is its own HTTP ingress (`serve.ingress`, Ray's direct ingress
+behind HAProxy, `ray_env.py`): `ingress` runs each request through the app and adds
+`X-OWQ-Replica`, this replica's id. The paths that need every replica (`/ready`, `/metrics`,
+adapter changes) it answers for all of them (`ray_router.cluster_answer`), calling each
+replica's `respond`. The adapter the router picked this replica for arrives as Ray's
+multiplexed model id header: the `@serve.multiplexed` loader loads it into the engine's
+adapter registry and tells Ray's router that this replica holds it; when Ray's LRU
+(`--ray-max-adapters-per-replica`) evicts it, it is unloaded from the registry too, so what
+the router believes a replica holds is what it holds. Knows no routing policy.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,8 @@ from .auth import bearer_token
 from .engine import Engine, EngineConfig
 from .metrics import ServerMetrics
 from .protocol import EngineError
-from .ray_asgi import HttpRequest, HttpResponse, respond, run_asgi
+from .ray_asgi import HttpRequest, HttpResponse, read_request, respond
+from .ray_router import MULTIPLEXED_HEADER, cluster_answer, is_cluster_path
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -84,11 +86,13 @@ class EngineReplica:
             spec.ckpt, spec.engine, spec.adapters, metrics, spec.model_name
         )
         self.keys = spec.settings.keys
-        self.app = create_app(self.engine, spec.settings, metrics)
+        self.max_body_bytes = spec.settings.max_body_bytes
+        self.http_app = create_app(self.engine, spec.settings, metrics)
         self._start_model_loop(spec.threads)
         if not self.engine.wait_ready(READY_TIMEOUT_S):
             raise RuntimeError(f"the engine was not ready after {READY_TIMEOUT_S} s")
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self._handle = None
         held = spec.engine.max_loaded_adapters  # Ray's LRU bound is the registry's
         self.adapter = serve.multiplexed(max_num_models_per_replica=held)(self._loader())
         log.info("replica %s ready: %s, %d threads", self.replica, spec.ckpt, spec.threads)
@@ -114,19 +118,37 @@ class EngineReplica:
 
         return load_adapter
 
-    async def forward(self, request: HttpRequest, adapter: str = "") -> AsyncIterator[dict]:
-        """The app's ASGI messages for `request`, which names `adapter` ('' = the base); the
-        start message carries X-OWQ-Replica. The adapter goes through Ray's multiplexed loader
-        whether or not the router routed by it, so both routings hold adapters alike."""
-        await self._hold(adapter, request)
-        async for message in run_asgi(self.app, request):
+    def __serve_build_asgi_app__(self):
+        """What Ray serves on this replica's HTTP port (called after `__init__`): a function,
+        which uvicorn recognizes as an ASGI 3 app (a bound method it takes for ASGI 2)."""
+
+        async def app(scope: dict, receive, send) -> None:
+            await self.ingress(scope, receive, send)
+
+        return app
+
+    async def ingress(self, scope: dict, receive, send) -> None:
+        """The app, with X-OWQ-Replica on every response; cluster paths answered for all
+        replicas; the adapter the router picked this replica for held first."""
+        if scope["type"] != "http":
+            return await self.http_app(scope, receive, send)
+        if is_cluster_path(scope["method"], scope["path"]):
+            request = await read_request(scope, receive, self.max_body_bytes)
+            response = await cluster_answer(self._peers(), request)
+            return await response(scope, receive, send)
+        request = HttpRequest(scope["method"], scope["path"], headers=tuple(scope["headers"]))
+        await self._hold(request.header(MULTIPLEXED_HEADER) or "", request)
+
+        async def send_marked(message: dict) -> None:
             if message["type"] == "http.response.start":
                 headers = [*message.get("headers", []), self._replica_header()]
                 message = {**message, "headers": headers}
-            yield message
+            await send(message)
+
+        await self.http_app(scope, receive, send_marked)
 
     async def respond(self, request: HttpRequest) -> HttpResponse:
-        response = await respond(self.app, request)
+        response = await respond(self.http_app, request)
         response.headers.append(self._replica_header())
         response.replica = self.replica
         return response
@@ -142,6 +164,13 @@ class EngineReplica:
             engine.request_stop()
 
     # internals ----------------------------------------------------------------------------
+    def _peers(self):
+        """A handle on every replica of this deployment (this one included)."""
+        if self._handle is None:
+            context = serve.get_replica_context()
+            self._handle = serve.get_deployment_handle(context.deployment, context.app_name)
+        return self._handle
+
     def _replica_header(self) -> tuple[bytes, bytes]:
         return (REPLICA_HEADER.encode(), self.replica.encode())
 

@@ -1,38 +1,33 @@
-"""The Ray Serve ingress: routes each HTTP request to an engine replica by the adapter it names.
+"""Which engine replica serves each request, and the answers that need every replica.
 
-Ray's HTTP proxy routes by a header only, while OpenAI clients name the adapter in the body's
-`model` field; this ingress reads the request once, takes its adapter (`X-OWQ-Adapter`, else
-the `model` field, as the app does) as Ray's multiplexed model id, and relays the chosen
-replica's response as it streams (`EngineReplica.forward`). Everything else (validation, auth,
-errors, metrics) is the replica's own app. A replica lost before its response started answers
-503 with Retry-After; `/ready` answers for every running replica (ready when one is,
-`X-OWQ-Replicas` names them); `/metrics` is every replica's page, each sample labelled with its
-`replica`; adapter changes (`POST`/`DELETE /v1/adapters...`) go to every replica. `RoundRobin`
-is the Ray request router of the adapter-blind baseline. Knows no engine and no tensors.
+HAProxy (`ray_env.py`) asks the `Router` deployment once per POST, with its body and its
+X-OWQ-Adapter header: the adapter the request names (the header, else the JSON body's `model`
+field, as the app reads it) is Ray's multiplexed model id, so the pick is a replica that holds
+it (or, with `--ray-routing round-robin`, each replica in turn: `RoundRobin`). HAProxy then
+sends the request to that replica's own HTTP port, and its tokens stream back without passing
+through Python here. The rest is answered by a replica for all of them (`cluster_answer`):
+`/ready` (ready when one is, `X-OWQ-Replicas` names them), `/metrics` (every replica's page,
+each sample labelled with its `replica`) and adapter changes (`POST`/`DELETE /v1/adapters...`,
+on every replica). Knows no engine and no tensors.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 
+from fastapi import FastAPI, HTTPException, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
-from ray.exceptions import RayActorError, RayError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.request_router import RequestRouter
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from .adapter_registry import NAME_RE, adapter_name
-from .errors import ApiError, error_body, error_response
+from .errors import ApiError, error_response
 from .generation import ADAPTER_HEADER
 from .ray_asgi import HttpRequest, HttpResponse
 
@@ -42,6 +37,8 @@ GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADAPTER_CHANGES = "/v1/adapters"
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 RETRY_AFTER_S = 1
+ROUTE_PATH = "/internal/route"  # what HAProxy asks (Ray's contract for an ingress router)
+MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # the pick's adapter, set by HAProxy
 
 
 def adapter_of(request: HttpRequest, base_name: str) -> str:
@@ -76,82 +73,73 @@ def as_response(found: HttpResponse) -> Response:
     return response
 
 
-async def http_request(request: Request, max_body_bytes: int) -> HttpRequest:
-    """The request as plain values; a body past the limit is cut one byte after it (the
-    replica's app answers 413, by its Content-Length or by the bytes)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            break
-    client = tuple(request.client) if request.client else None
-    return HttpRequest(
-        request.method, request.url.path, request.url.query.encode(),
-        tuple(request.headers.raw), bytes(body[: max_body_bytes + 1]), client,
-    )  # fmt: skip
+def is_cluster_path(method: str, path: str) -> bool:
+    """Whether a request is answered for every replica (`cluster_answer`), not by one."""
+    if method == "GET":
+        return path in ("/metrics", "/ready")
+    return method in ("POST", "DELETE") and path.startswith(ADAPTER_CHANGES)
+
+
+async def cluster_answer(replicas, req: HttpRequest) -> Response:
+    """The answer to a cluster path (`is_cluster_path`) from every running replica of the
+    `replicas` handle (their `respond`)."""
+    results = await replicas.broadcast("respond", req).results_async(return_exceptions=True)
+    answers = [r for r in results if isinstance(r, HttpResponse)]
+    if not answers:
+        reasons = {type(r).__name__ for r in results} or {"no replica is running yet"}
+        return replica_lost(", ".join(sorted(reasons)))
+    if req.path == "/ready":  # ready when a replica is
+        ready = [a for a in answers if a.status == 200]
+        return with_replicas(ready[0], ready) if ready else as_response(answers[0])
+    refused = [a for a in answers if a.status >= 300]
+    if refused:
+        return as_response(refused[0])
+    if req.path == "/metrics":
+        merged = merge_metrics({a.replica: a.body.decode() for a in answers})
+        return with_replicas(HttpResponse(200, [], merged), answers, CONTENT_TYPE_LATEST)
+    return with_replicas(answers[0], answers)  # an adapter change: the first answer
 
 
 class Router:
-    """The ingress deployment: `replicas` is the handle of the `EngineReplica` deployment."""
+    """The ingress request router deployment: `replicas` is the handle of the `EngineReplica`
+    deployment, whose own request router (Ray's multiplexed one, or `RoundRobin`) picks."""
 
-    def __init__(self, replicas, base_name: str, multiplexed: bool, max_body_bytes: int):
+    def __init__(self, replicas, base_name: str, multiplexed: bool):
         self.replicas = replicas
         self.base_name = base_name
         self.multiplexed = multiplexed
-        self.max_body_bytes = max_body_bytes
+        replicas._init()  # its request router starts on this replica's loop
 
-    async def __call__(self, request: Request) -> Response:
-        req = await http_request(request, self.max_body_bytes)
-        if req.path == "/metrics" and req.method == "GET":
-            return await self.scrape(req)
-        if req.path == "/ready" and req.method == "GET":
-            return await self.ready(req)
-        if req.path.startswith(ADAPTER_CHANGES) and req.method in ("POST", "DELETE"):
-            return await self.everywhere(req)
+    def __serve_build_asgi_app__(self):
+        app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+        app.add_api_route(ROUTE_PATH, self.route, methods=["POST"])
+        return app
+
+    async def route(self, request: Request) -> dict:
+        """Ray's router contract: the replica's HTTP endpoint for the request whose body and
+        adapter header HAProxy forwards; `request_headers` are added to the request (the
+        adapter, so that the replica holds it in Ray's multiplexing LRU)."""
+        body = await request.body()
+        req = HttpRequest("POST", GENERATE_PATHS[0], b"", tuple(request.headers.raw), body)
         adapter = adapter_of(req, self.base_name)
-        handle = self.replicas.options(
-            method_name="forward",
-            stream=True,
-            multiplexed_model_id=adapter if self.multiplexed else "",
-        )
-        return await relay(handle.remote(req, adapter))
-
-    async def ready(self, req: HttpRequest) -> Response:
-        """Ready when a replica is; `x-owq-replicas` names every ready replica."""
-        answers = await self._answers(req)
-        if isinstance(answers, Response):
-            return answers
-        ready = [a for a in answers if a.status == 200]
-        return with_replicas(ready[0], ready) if ready else as_response(answers[0])
-
-    async def scrape(self, req: HttpRequest) -> Response:
-        """Every replica's /metrics (with the caller's key), samples labelled by replica."""
-        answers = await self._answers(req)
-        if isinstance(answers, Response):
-            return answers
-        if refused := [a for a in answers if a.status != 200]:
-            return as_response(refused[0])
-        merged = merge_metrics({a.replica: a.body.decode() for a in answers})
-        return with_replicas(HttpResponse(200, [], merged), answers, CONTENT_TYPE_LATEST)
-
-    async def everywhere(self, req: HttpRequest) -> Response:
-        """An adapter change on every replica: the first refusal, else the first answer."""
-        answers = await self._answers(req)
-        if isinstance(answers, Response):
-            return answers
-        refused = [a for a in answers if a.status >= 300]
-        return as_response(refused[0]) if refused else with_replicas(answers[0], answers)
-
-    async def _answers(self, req: HttpRequest) -> list[HttpResponse] | Response:
-        """Every running replica's answer to `req`, or 503 when none answers."""
-        results = await self.replicas.broadcast("respond", req).results_async(
-            return_exceptions=True
-        )
-        answers = [r for r in results if isinstance(r, HttpResponse)]
-        if not answers:
-            reasons = {type(r).__name__ for r in results} or {"no replica is running yet"}
-            return replica_lost(", ".join(sorted(reasons)))
-        return answers
+        handle = self.replicas
+        if adapter and self.multiplexed:
+            handle = handle.options(multiplexed_model_id=adapter)
+        # Multiplexed: reserving a slot asks the replica its queue, so the next pick counts
+        # this request. Round-robin reads no queue, and one pick per request keeps its turns.
+        try:
+            async with handle.choose_replica(_reserve=self.multiplexed) as picked:
+                replica = picked._replica
+                endpoint = replica.backend_http_endpoint
+                name = replica.replica_id.to_full_id_str()
+        except REPLICA_LOST as e:  # HAProxy answers 503 for any refusal
+            raise HTTPException(503, f"no replica: {type(e).__name__}") from None
+        if endpoint is None:
+            raise HTTPException(503, f"replica {name} has no HTTP endpoint")
+        route = {"host": endpoint[0], "port": endpoint[1], "replica_id": name}
+        if adapter:
+            route["request_headers"] = {MULTIPLEXED_HEADER: adapter}
+        return route
 
 
 def with_replicas(
@@ -163,41 +151,6 @@ def with_replicas(
         response.headers["content-type"] = media_type
     response.headers["x-owq-replicas"] = ",".join(sorted(a.replica for a in answers))
     return response
-
-
-async def relay(stream) -> Response:
-    """The replica's response as it streams; 503 + Retry-After if the replica is lost (or
-    overloaded) before the response started."""
-    try:
-        start = await anext(stream)
-    except REPLICA_LOST + (BackPressureError,) as e:
-        log.warning("replica lost before the response started: %s", type(e).__name__)
-        return replica_lost(type(e).__name__)
-    except (RayError, StopAsyncIteration) as e:
-        log.error("replica failed: %s", e)
-        body = error_body(500, f"internal error in a replica ({type(e).__name__})", "internal")
-        return Response(json.dumps(body), 500, media_type="application/json")
-    response = StreamingResponse(body_of(stream, start))
-    response.status_code = start["status"]
-    response.raw_headers = list(start.get("headers", []))
-    return response
-
-
-async def body_of(stream, start: dict) -> AsyncIterator[bytes]:
-    """The body chunks; a replica lost mid-stream ends an event stream with an error event."""
-    events = any(k.lower() == b"content-type" and b"event-stream" in v for k, v in start["headers"])
-    try:
-        async for message in stream:
-            if message["type"] == "http.response.body" and message.get("body"):
-                yield message["body"]
-    except REPLICA_LOST as e:
-        log.warning("replica lost mid-response: %s", type(e).__name__)
-        if events:
-            message = "the replica serving this stream is gone; retry the request"
-            error = error_body(503, message, "replica_unavailable")
-            yield f"data: {json.dumps(error)}\n\n".encode()
-    finally:
-        stream.cancel()
 
 
 class RoundRobin(RequestRouter):

@@ -1,13 +1,15 @@
 """`owq serve --ray`: replicas of the owq engine on Ray Serve, routed by adapter (needs owq[ray]).
 
-Builds one Ray Serve application from the same flags as `owq serve`: an `EngineReplica`
-deployment (one engine and its app per replica, `ray_replica.py`) behind the `Router` ingress
-(`ray_router.py`), which sends each request to a replica holding its adapter (Ray's model
-multiplexing) or, with `--ray-routing round-robin`, to each replica in turn (the baseline).
-`run` starts a local Ray instance (or joins `--ray-address`) and serves until SIGINT or
-SIGTERM; `build_app` is the same application for a `RayService` (`serveConfigV2` with
-`import_path: owq.server.ray_serve:build_app` and `args: {argv: [owq serve flags]}`). Knows
-deployments and flags, not requests.
+Builds one Ray Serve application from the same flags as `owq serve`: the `EngineReplica`
+deployment (one engine and its app per replica, `ray_replica.py`) is the ingress, each
+replica serving HTTP itself behind HAProxy, with the `Router` (`ray_router.py`) as its ingress
+request router: HAProxy asks it which replica serves each request, a replica holding its
+adapter (Ray's model multiplexing) or, with `--ray-routing round-robin`, each replica in turn
+(the baseline). Needs the settings of `ray_env.py` in every Ray process. `run` starts a local
+Ray instance (or joins `--ray-address`) and serves until SIGINT or SIGTERM; `build_app` is
+the same application for a `RayService` (`serveConfigV2` with `import_path:
+owq.server.ray_serve:build_app` and `args: {argv: [owq serve flags]}`). Knows deployments and
+flags, not requests.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from . import ray_env
 from .engine import EngineConfig
 from .ray_replica import EngineReplica, ReplicaSpec
 from .ray_router import RoundRobin, Router
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "owq"
 ROUTER, REPLICAS = "Router", "EngineReplica"  # the deployments' names (a RayService sets them)
-ROUTER_MAX_ONGOING = 4096  # the router only relays: the replicas' queues apply the limits
+ROUTER_MAX_ONGOING = 4096  # the router only picks: the replicas' queues apply the limits
 HEALTH_CHECK_PERIOD_S = 10
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -96,17 +99,23 @@ def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
 
 
 def build_application(spec: ReplicaSpec, scale: ScaleOut, base_name: str):
-    """The Ray Serve application: the router ingress bound to the engine replicas."""
+    """The Ray Serve application: the engine replicas as the ingress, the router asked by
+    HAProxy which of them serves each request."""
+    if wrong := ray_env.mismatched():
+        raise ValueError(
+            f"Ray Serve runs without the settings owq needs ({', '.join(wrong)}): set "
+            f"{ray_env.EXPORTS} in the environment of every Ray process (deploy/rayservice.yaml)"
+        )
     replicas = (
-        serve.deployment(EngineReplica, name=REPLICAS)
+        serve.deployment(serve.ingress()(EngineReplica), name=REPLICAS)
         .options(**replica_options(scale, spec.engine))
         .bind(spec)
     )
-    router = serve.deployment(Router, name=ROUTER).options(
+    router = serve.deployment(serve.ingress()(Router), name=ROUTER).options(
         ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING
     )
     multiplexed = scale.routing == "multiplexed"
-    return router.bind(replicas, base_name, multiplexed, spec.settings.max_body_bytes)
+    return replicas._with_ingress_request_router(router.bind(replicas, base_name, multiplexed))
 
 
 def replica_spec(args, scale: ScaleOut) -> tuple[ReplicaSpec, str]:

@@ -36,13 +36,24 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 240) -> None
         time.sleep(0.5)
 
 
+def replica_of_next(url: str) -> str:
+    body = {"prompt": "It is", "max_tokens": 3, "model": "adapter-0"}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.headers["x-owq-replica"]
+
+
 def test_owq_serve_ray_starts_its_cluster_serves_and_stops(tmp_path):
     ckpt, adapters = tiny_assets(tmp_path, num_adapters=2)
     port = free_port()
     flags = "--ray --ray-replicas 2 --ray-cpus-per-replica 0.5 --ray-routing round-robin"
     flags += f" --max-batch 2 --port {port}"
     cmd = [sys.executable, "-m", "owq", "serve", str(ckpt), "--adapters", str(adapters)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    from owq.server.ray_env import LOCAL_PORTS
+
+    # its own Ray instance: its own free ports (not this process's, another instance's)
+    env = {k: v for k, v in os.environ.items() if k not in LOCAL_PORTS}
+    env |= {"PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     proc = subprocess.Popen(
         [*cmd, *flags.split()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env,
@@ -50,12 +61,13 @@ def test_owq_serve_ray_starts_its_cluster_serves_and_stops(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url)
-        replicas = []
-        for _ in range(4):  # round-robin: each replica in turn, whatever the adapter
-            body = {"prompt": "It is", "max_tokens": 3, "model": "adapter-0"}
-            response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
-            assert response.status_code == 200, response.text
-            replicas.append(response.headers["x-owq-replica"])
+        seen = set()  # until the router has heard of both replicas (Ray tells it by long poll)
+        for _ in range(20):
+            seen.add(replica_of_next(url))
+            if len(seen) == 2:
+                break
+        # round-robin: each replica in turn, whatever the adapter
+        replicas = [replica_of_next(url) for _ in range(4)]
         assert replicas[0] != replicas[1] and replicas[:2] == replicas[2:], replicas
     finally:
         proc.send_signal(signal.SIGTERM)

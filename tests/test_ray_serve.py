@@ -1,5 +1,5 @@
 """`owq serve --ray` end to end: a real local Ray cluster started here, 2 engine replicas of the
-tiny checkpoint behind the router, the real `openai` client and httpx.
+tiny checkpoint behind HAProxy and the router, the real `openai` client and httpx.
 
 Needs Ray Serve (`pip install -e '.[ray]'`; `scripts/setup.sh` installs it). The replica that
 answered is the response's `X-OWQ-Replica` header; its metrics are the `replica` label of the
@@ -226,11 +226,20 @@ def wait_queued(cluster: Cluster, replica: str, timeout_s: float = 30) -> None:
     raise AssertionError(f"replica {replica} never queued a request: {depth}")
 
 
+def tail_of(stream) -> list[str]:
+    """The rest of a stream's lines; a stream whose replica died ends where it was cut."""
+    lines = []
+    with contextlib.suppress(httpx.RemoteProtocolError, httpx.ReadError):
+        lines.extend(stream)
+    return lines
+
+
 def test_killing_a_replica_loses_only_its_requests_in_flight(cluster):
     """The victim runs 4 streams (its whole batch) with 8 plain requests queued behind them
     (two more batches' worth) when its actor is killed; meanwhile a client of the other
-    replica keeps going. What the victim had not finished is cut: a plain request gets 503
-    with Retry-After, a stream an error event; nothing else fails."""
+    replica keeps going. The streams the victim had started are cut; the requests it had not
+    answered yet HAProxy sends to the other replica (`ray_env.py`): every one is answered
+    there, and nothing else fails."""
     import openai
 
     home = homes(cluster)
@@ -242,29 +251,26 @@ def test_killing_a_replica_loses_only_its_requests_in_flight(cluster):
     with ThreadPoolExecutor(10) as pool, contextlib.ExitStack() as streams:
         steady = pool.submit(steady_client, cluster, survivor_adapter, 10)
         running = [streams.enter_context(httpx.stream("POST", url, json=body)) for _ in range(4)]
+        assert {replica_of(r) for r in running} == {victim}
         lines = [r.iter_lines() for r in running]
         for stream in lines:
             assert next(line for line in stream if line.startswith("data:"))  # running
         queued = [pool.submit(long_request, cluster, victim_adapter, i) for i in range(8)]
         wait_queued(cluster, victim)
         kill_replica(victim)
-        tails = [list(stream) for stream in lines]
+        tails = [tail_of(stream) for stream in lines]
         answers = [f.result() for f in queued]
         assert steady.result() == [200] * 10  # the other replica lost nothing
-    cut = [t for t in tails if "data: [DONE]" not in t]
-    assert all(any("replica_unavailable" in x for x in t) for t in cut), cut
-    lost = [a for a in answers if a.status_code != 200]
-    for answer in lost:
-        assert openai_error(answer, 503)["code"] == "replica_unavailable"
-        assert answer.headers["retry-after"] == "1"
-    assert lost, "every queued request finished before the kill"  # one was still queued
-    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=5)
-    retried = client.completions.with_raw_response.create(
+    assert any("data: [DONE]" not in t for t in tails), "every stream ended before the kill"
+    moved = [replica_of(a) for a in answers if replica_of(a) != victim]
+    assert moved, "every queued request finished before the kill"  # one was still queued
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    again = client.completions.with_raw_response.create(
         model=victim_adapter, prompt=PROMPT, max_tokens=4
     )
-    assert retried.headers["x-owq-replica"] != victim
+    assert again.headers["x-owq-replica"] != victim
     replaced = ready_replicas(cluster, 2)  # Ray starts a new replica in the killed one's place
-    assert victim not in replaced and retried.headers["x-owq-replica"] in replaced
+    assert victim not in replaced and set(moved) <= replaced
 
 
 def ready_replicas(cluster: Cluster, count: int, timeout_s: float = 120) -> set[str]:

@@ -1,0 +1,77 @@
+"""The Ray Serve settings `owq serve --ray` runs under: HAProxy in front, each replica its own
+HTTP ingress, and our router asked once per request which replica serves it.
+
+Ray Serve reads these from the environment when `ray.serve` is imported, in every Ray process:
+the driver, the controller, HAProxy's manager, the replicas. `configure` sets them in this
+process before Ray is imported; a local instance started from here inherits them. A cluster
+sets the same in its pods (`EXPORTS`, `deploy/rayservice.yaml`). With them a streamed token
+goes replica -> HAProxy -> client; without them, through two Python hops (`BENCHMARKS.md`).
+Imports no Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from .generation import ADAPTER_HEADER
+
+REQUIRED = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",  # HAProxy is the HTTP front, in place of Ray's proxy
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",  # each replica serves HTTP itself
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",  # the router sees `model` in the body
+    # HAProxy forwards one client header to the router, named by this: ours carries the adapter
+    "RAY_SERVE_SESSION_ID_HEADER_KEY": ADAPTER_HEADER.lower(),
+    # A replica that dies before answering: HAProxy sends the request to another replica.
+    # Generation has no side effects, and loading an adapter twice is loading it once.
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+}
+# A local instance has no load balancer outside it to wait for: a stopping replica drains
+# its requests and goes (Ray waits 30 s by default, for a cloud balancer to let go of it).
+LOCAL = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+# Fixed ports by default: a second local instance on this machine would collide on them.
+LOCAL_PORTS = (
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+)
+EXPORTS = " ".join(f"{k}={v!r}" if " " in v else f"{k}={v}" for k, v in REQUIRED.items())
+
+
+def configure(local: bool) -> None:
+    """Set the settings in this process's environment (before Ray is imported). `local`: for a
+    Ray instance started here, with free ports where Ray's are fixed (ports already set are
+    kept). RuntimeError if Ray Serve was imported before with other settings."""
+    os.environ.update(REQUIRED)
+    if local:
+        for name, value in LOCAL.items():
+            os.environ.setdefault(name, value)
+        for name in LOCAL_PORTS:
+            os.environ.setdefault(name, str(free_port()))
+    if "ray.serve" in sys.modules and (wrong := mismatched()):
+        raise RuntimeError(f"Ray Serve was imported before owq set {wrong}: set them first")
+
+
+def mismatched() -> list[str]:
+    """The required settings this process's Ray Serve did not start with (imports it)."""
+    from ray.serve._private import constants
+
+    read = {
+        "RAY_SERVE_ENABLE_HA_PROXY": constants.RAY_SERVE_ENABLE_HA_PROXY,
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": constants.RAY_SERVE_ENABLE_DIRECT_INGRESS,
+        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": (
+            constants.RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY
+        ),
+        "RAY_SERVE_SESSION_ID_HEADER_KEY": constants.SERVE_SESSION_ID,
+        "RAY_SERVE_HAPROXY_RETRY_ON": constants.RAY_SERVE_HAPROXY_RETRY_ON,
+    }
+    want = {k: True if v == "1" else v for k, v in REQUIRED.items()}
+    return [name for name, value in read.items() if value != want[name]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
