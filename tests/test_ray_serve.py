@@ -3,8 +3,9 @@ tiny checkpoint behind HAProxy and the router, the real `openai` client and http
 
 Needs Ray Serve (`pip install -e '.[ray]'`; `scripts/setup.sh` installs it). The replica that
 answered is the response's `X-OWQ-Replica` header; its metrics are the `replica` label of the
-merged `/metrics`. The replica-kill test replaces one replica; the eviction test, last, leaves a
-fifth adapter loaded (4 fit on the 2 replicas: the earlier tests' placements assume that).
+merged `/metrics`. The replica-kill test replaces one replica; the eviction test leaves a fifth
+adapter loaded (4 fit on the 2 replicas: the earlier tests' placements assume that), and the
+adapter-change test, last, loads and unloads one on both replicas behind Ray's back.
 """
 
 from __future__ import annotations
@@ -293,3 +294,17 @@ def test_ray_evicting_an_adapter_unloads_it_from_the_replica(cluster):
     evicted = [a for a, r in home.items() if r == extra]
     again = complete(cluster, evicted[0])  # its replica loads it again, or the other one does
     assert again.status_code == 200
+
+
+def test_adapter_changes_reach_every_replica(cluster):
+    """`POST`/`DELETE /v1/adapters` go to every replica: a delete that any replica refuses
+    (it does not hold the adapter) answers that refusal, so a delete answered 200 after the
+    load shows that the load reached both."""
+    url, replicas = f"{cluster.url}/v1/adapters", ready_replicas(cluster, 2)
+    loaded = httpx.post(url, json={"name": ADAPTERS[3]}, timeout=TIMEOUT_S)
+    assert loaded.status_code == 200, loaded.text
+    assert set(loaded.headers["x-owq-replicas"].split(",")) == replicas
+    deleted = httpx.delete(f"{url}/{ADAPTERS[3]}", timeout=TIMEOUT_S)
+    assert deleted.status_code == 200, deleted.text
+    assert set(deleted.headers["x-owq-replicas"].split(",")) == replicas
+    openai_error(httpx.delete(f"{url}/{ADAPTERS[3]}", timeout=TIMEOUT_S), 404)  # gone from all
