@@ -23,9 +23,15 @@ REQUIRED = {
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",  # the router sees `model` in the body
     # HAProxy forwards one client header to the router, named by this: ours carries the adapter
     "RAY_SERVE_SESSION_ID_HEADER_KEY": ADAPTER_HEADER.lower(),
-    # A replica that dies before answering: HAProxy sends the request to another replica.
+    # A replica that dies before answering: HAProxy sends the request to another replica,
+    # once (a request that kills its replica must not take a second and a third with it).
     # Generation has no side effects, and loading an adapter twice is loading it once.
     "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+    "RAY_SERVE_HAPROXY_RETRIES": "1",
+    # HAProxy holds a request's body for the router (and a retry) in one buffer per
+    # connection: 1 MiB (the app's default body limit) where Ray's default is 8 MiB. A larger
+    # body is routed by its header alone and not retried.
+    "RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE": str(1 << 20),
 }
 # A local instance has no load balancer outside it to wait for: a stopping replica drains
 # its requests and goes (Ray waits 30 s by default, for a cloud balancer to let go of it).
@@ -58,17 +64,17 @@ def mismatched() -> list[str]:
     """The required settings this process's Ray Serve did not start with (imports it)."""
     from ray.serve._private import constants
 
-    read = {
-        "RAY_SERVE_ENABLE_HA_PROXY": constants.RAY_SERVE_ENABLE_HA_PROXY,
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": constants.RAY_SERVE_ENABLE_DIRECT_INGRESS,
-        "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": (
-            constants.RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY
-        ),
-        "RAY_SERVE_SESSION_ID_HEADER_KEY": constants.SERVE_SESSION_ID,
-        "RAY_SERVE_HAPROXY_RETRY_ON": constants.RAY_SERVE_HAPROXY_RETRY_ON,
-    }
-    want = {k: True if v == "1" else v for k, v in REQUIRED.items()}
-    return [name for name, value in read.items() if value != want[name]]
+    read = {  # the constant each setting becomes (Ray names one of them differently)
+        name: getattr(constants, name, None) for name in REQUIRED
+    } | {"RAY_SERVE_SESSION_ID_HEADER_KEY": constants.SERVE_SESSION_ID}
+    return [name for name in REQUIRED if as_setting(read[name]) != REQUIRED[name]]
+
+
+def as_setting(value) -> str:
+    """A constant as the environment spells it (True: "1")."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return "" if value is None else str(value)
 
 
 def free_port() -> int:

@@ -37,6 +37,10 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-owq-replica"
+CLUSTER_ANSWERS = 4  # answers for all replicas a replica works on at once (more wait)
+# Request slots kept for them: each holds one while its broadcast needs one on every replica,
+# this one included; the rest serve the broadcasts of other replicas (`ray_serve.py`).
+CLUSTER_SLOTS = 2 * CLUSTER_ANSWERS
 READY_TIMEOUT_S = 600  # the warm-up builds fused weights: seconds on a loaded machine
 
 
@@ -93,6 +97,7 @@ class EngineReplica:
             raise RuntimeError(f"the engine was not ready after {READY_TIMEOUT_S} s")
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._handle = None
+        self._cluster_answers = asyncio.Semaphore(CLUSTER_ANSWERS)
         held = spec.engine.max_loaded_adapters  # Ray's LRU bound is the registry's
         self.adapter = serve.multiplexed(max_num_models_per_replica=held)(self._loader())
         log.info("replica %s ready: %s, %d threads", self.replica, spec.ckpt, spec.threads)
@@ -134,7 +139,8 @@ class EngineReplica:
             return await self.http_app(scope, receive, send)
         if is_cluster_path(scope["method"], scope["path"]):
             request = await read_request(scope, receive, self.max_body_bytes)
-            response = await cluster_answer(self._peers(), request)
+            async with self._cluster_answers:
+                response = await cluster_answer(self._peers(), request)
             return await response(scope, receive, send)
         request = HttpRequest(scope["method"], scope["path"], headers=tuple(scope["headers"]))
         await self._hold(request.header(MULTIPLEXED_HEADER) or "", request)

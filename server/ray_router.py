@@ -13,6 +13,7 @@ on every replica). Knows no engine and no tensors.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -37,6 +38,8 @@ GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADAPTER_CHANGES = "/v1/adapters"
 REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 RETRY_AFTER_S = 1
+CLUSTER_TIMEOUT_S = 30  # for every replica's answer to /ready, /metrics, an adapter change
+PICK_TIMEOUT_S = 4  # HAProxy gives the router 5 s, then answers 503 itself
 ROUTE_PATH = "/internal/route"  # what HAProxy asks (Ray's contract for an ingress router)
 MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # the pick's adapter, set by HAProxy
 
@@ -83,7 +86,15 @@ def is_cluster_path(method: str, path: str) -> bool:
 async def cluster_answer(replicas, req: HttpRequest) -> Response:
     """The answer to a cluster path (`is_cluster_path`) from every running replica of the
     `replicas` handle (their `respond`)."""
-    results = await replicas.broadcast("respond", req).results_async(return_exceptions=True)
+    try:
+        broadcast = replicas.broadcast("respond", req)
+        results = await asyncio.wait_for(
+            broadcast.results_async(return_exceptions=True), CLUSTER_TIMEOUT_S
+        )
+    except REPLICA_LOST as e:
+        return replica_lost(type(e).__name__)
+    except TimeoutError:
+        return replica_lost(f"not every replica answered in {CLUSTER_TIMEOUT_S} s")
     answers = [r for r in results if isinstance(r, HttpResponse)]
     if not answers:
         reasons = {type(r).__name__ for r in results} or {"no replica is running yet"}
@@ -125,14 +136,14 @@ class Router:
         handle = self.replicas
         if adapter and self.multiplexed:
             handle = handle.options(multiplexed_model_id=adapter)
-        # Multiplexed: reserving a slot asks the replica its queue, so the next pick counts
-        # this request. Round-robin reads no queue, and one pick per request keeps its turns.
+        # Multiplexed: reserving a slot asks the replica for its queue now, where the pick
+        # would read a count cached for up to 10 s (measured: fewer adapter loads). Round-
+        # robin reads no queue, and one pick per request keeps its turns.
         try:
-            async with handle.choose_replica(_reserve=self.multiplexed) as picked:
-                replica = picked._replica
-                endpoint = replica.backend_http_endpoint
-                name = replica.replica_id.to_full_id_str()
-        except REPLICA_LOST as e:  # HAProxy answers 503 for any refusal
+            name, endpoint = await asyncio.wait_for(
+                pick(handle, reserve=self.multiplexed), PICK_TIMEOUT_S
+            )
+        except (TimeoutError, *REPLICA_LOST) as e:  # HAProxy answers 503 for any refusal
             raise HTTPException(503, f"no replica: {type(e).__name__}") from None
         if endpoint is None:
             raise HTTPException(503, f"replica {name} has no HTTP endpoint")
@@ -140,6 +151,13 @@ class Router:
         if adapter:
             route["request_headers"] = {MULTIPLEXED_HEADER: adapter}
         return route
+
+
+async def pick(handle, reserve: bool) -> tuple[str, tuple[str, int] | None]:
+    """(replica id, its HTTP endpoint) that the deployment's request router picks."""
+    async with handle.choose_replica(_reserve=reserve) as picked:
+        replica = picked._replica
+        return replica.replica_id.to_full_id_str(), replica.backend_http_endpoint
 
 
 def with_replicas(

@@ -25,7 +25,7 @@ from ray import serve
 
 from . import ray_env
 from .engine import EngineConfig
-from .ray_replica import EngineReplica, ReplicaSpec
+from .ray_replica import CLUSTER_SLOTS, EngineReplica, ReplicaSpec
 from .ray_router import RoundRobin, Router
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
         "ray_actor_options": resources,
         # Past its batch and queue a replica answers 429 itself; Ray must not hold requests
         # back before that, or a busy replica would lose its adapters' traffic to another one.
-        "max_ongoing_requests": engine.max_batch + engine.max_queue,
+        # On top: the answers for all replicas (`EngineReplica.CLUSTER_ANSWERS` at a time),
+        # each holding a slot here while it asks every replica, this one included.
+        "max_ongoing_requests": engine.max_batch + engine.max_queue + CLUSTER_SLOTS,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
     }
@@ -171,6 +173,14 @@ def run(args) -> int:
         log.warning("no --api-keys file: every replica is OPEN to every client and admin route")
     address = args.ray_address or "local"  # "local": a new instance, never a running one
     ray.init(address=address, include_dashboard=False, configure_logging=False)
+    # Ray's settings are each process's own: ask a process of the cluster, not this driver
+    wrong = ray.get(ray.remote(num_cpus=0)(ray_env.mismatched).remote())
+    if wrong:
+        ray.shutdown()
+        raise ValueError(
+            f"the Ray cluster at {address} runs without the settings owq needs "
+            f"({', '.join(wrong)}): start it with {ray_env.EXPORTS} in its environment"
+        )
     stop = threading.Event()
     previous = on_signals(lambda *_: stop.set())  # after ray.init, which sets its own
     try:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -61,14 +62,13 @@ def test_owq_serve_ray_starts_its_cluster_serves_and_stops(tmp_path):
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(proc, url)
-        seen = set()  # until the router has heard of both replicas (Ray tells it by long poll)
-        for _ in range(20):
-            seen.add(replica_of_next(url))
-            if len(seen) == 2:
-                break
-        # round-robin: each replica in turn, whatever the adapter
-        replicas = [replica_of_next(url) for _ in range(4)]
-        assert replicas[0] != replicas[1] and replicas[:2] == replicas[2:], replicas
+        for _ in range(4):  # the router(s) hear of both replicas by Ray's long poll
+            replica_of_next(url)
+        # round-robin, blind to the adapter (multiplexed routing would keep all of these on
+        # one replica): each router turns through the replicas, and Ray may run two routers
+        # here, so counts over 8 requests differ by at most one per router
+        replicas = Counter(replica_of_next(url) for _ in range(8))
+        assert len(replicas) == 2 and max(replicas.values()) <= 5, replicas
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
