@@ -14,8 +14,9 @@ from collections import Counter
 
 import httpx
 import pytest
-from test_ray_serve import free_port
 from test_server_harness import tiny_assets
+
+from owq.server.ray_env import LOCAL_PORTS, free_port
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None,
@@ -50,8 +51,6 @@ def test_owq_serve_ray_starts_its_cluster_serves_and_stops(tmp_path):
     flags = "--ray --ray-replicas 2 --ray-cpus-per-replica 0.5 --ray-routing round-robin"
     flags += f" --max-batch 2 --port {port}"
     cmd = [sys.executable, "-m", "owq", "serve", str(ckpt), "--adapters", str(adapters)]
-    from owq.server.ray_env import LOCAL_PORTS
-
     # its own Ray instance: its own free ports (not this process's, another instance's)
     env = {k: v for k, v in os.environ.items() if k not in LOCAL_PORTS}
     env |= {"PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
