@@ -70,6 +70,15 @@ def mismatched() -> list[str]:
     return [name for name in REQUIRED if as_setting(read[name]) != REQUIRED[name]]
 
 
+def require(wrong: list[str], where: str) -> None:
+    """ValueError naming the `wrong` settings (`mismatched`) of `where`, if there are any."""
+    if wrong:
+        raise ValueError(
+            f"{where} runs without the settings owq needs ({', '.join(wrong)}): start it with "
+            f"{EXPORTS} in the environment of every Ray process (deploy/rayservice.yaml)"
+        )
+
+
 def as_setting(value) -> str:
     """A constant as the environment spells it (True: "1")."""
     if isinstance(value, bool):

@@ -79,8 +79,8 @@ def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
         "ray_actor_options": resources,
         # Past its batch and queue a replica answers 429 itself; Ray must not hold requests
         # back before that, or a busy replica would lose its adapters' traffic to another one.
-        # On top: the answers for all replicas (`EngineReplica.CLUSTER_ANSWERS` at a time),
-        # each holding a slot here while it asks every replica, this one included.
+        # On top: slots for the answers for all replicas (`ray_replica.CLUSTER_SLOTS`), each
+        # holding a slot here while it asks every replica, this one included.
         "max_ongoing_requests": engine.max_batch + engine.max_queue + CLUSTER_SLOTS,
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
         "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
@@ -103,11 +103,6 @@ def replica_options(scale: ScaleOut, engine: EngineConfig) -> dict:
 def build_application(spec: ReplicaSpec, scale: ScaleOut, base_name: str):
     """The Ray Serve application: the engine replicas as the ingress, the router asked by
     HAProxy which of them serves each request."""
-    if wrong := ray_env.mismatched():
-        raise ValueError(
-            f"Ray Serve runs without the settings owq needs ({', '.join(wrong)}): set "
-            f"{ray_env.EXPORTS} in the environment of every Ray process (deploy/rayservice.yaml)"
-        )
     replicas = (
         serve.deployment(serve.ingress()(EngineReplica), name=REPLICAS)
         .options(**replica_options(scale, spec.engine))
@@ -159,6 +154,7 @@ def build_app(args: dict):
         raise ValueError("give the checkpoint dir as the first of argv (no built-in default)")
     scale = scale_out_of(flags)
     spec, base_name = replica_spec(flags, scale)
+    ray_env.require(ray_env.mismatched(), "this Ray cluster")  # the builder runs on it
     return build_application(spec, scale, base_name)
 
 
@@ -177,10 +173,7 @@ def run(args) -> int:
     wrong = ray.get(ray.remote(num_cpus=0)(ray_env.mismatched).remote())
     if wrong:
         ray.shutdown()
-        raise ValueError(
-            f"the Ray cluster at {address} runs without the settings owq needs "
-            f"({', '.join(wrong)}): start it with {ray_env.EXPORTS} in its environment"
-        )
+        ray_env.require(wrong, f"the Ray cluster at {address}")
     stop = threading.Event()
     previous = on_signals(lambda *_: stop.set())  # after ray.init, which sets its own
     try:
