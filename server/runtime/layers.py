@@ -125,6 +125,10 @@ class Runtime(nn.Module):
         """Every projection's CPU plan in the compute dtype (`kernels.cpu_ops`): the 4-bit decode
         kernel where it applies (`packed`), a resident fp32 copy only if `resident`."""
         prepare_layers(self, self.vocab.dtype, packed, resident)
+        self.fuse_decode()
+
+    def fuse_decode(self) -> None:
+        """Build the fused decode step where the runtime has one (after the layers' plans)."""
 
     def cache_shape(self, rows: int) -> CacheShape:
         layers, kv_heads, head_dim = self.cache_dims()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from owq.kernels.cpu_decode import DecodeStack
 from owq.kernels.families import Family
 
 from .kv_cache import KVCache, StepIndex, attention, group_mask
@@ -113,6 +114,30 @@ class LlamaRuntime(Runtime):
         self.cos = cos.to(self.vocab.device, self.vocab.dtype)
         self.sin = sin.to(self.vocab.device, self.vocab.dtype)
         self.max_context = max_context
+        self.fused: DecodeStack | None = None
+
+    def fuse_decode(self) -> None:
+        """The compiled decode step (`kernels.cpu_decode`) over every block, where the model is
+        on the CPU in fp32 with SiLU, no q/k norms, and every projection on the 4-bit kernel."""
+        self.fused = None
+        a = self.args
+        plain = self.blocks[0].qk_norms is None and a.act in ("silu", "swish")
+        if not plain or self.vocab.device.type != "cpu" or self.vocab.dtype != torch.float32:
+            return
+        layers, norms = [], []
+        for b in self.blocks:
+            layers += [b.qkv, b.o, b.gate_up, b.down]
+            norms += [b.attn_norm, b.mlp_norm]
+        self.fused = DecodeStack.build(
+            layers, norms, self.cos, self.sin, a.heads, a.kv_heads, a.head_dim, a.eps
+        )
+
+    def _fused_step(self, x, step: StepIndex, cache: KVCache, slots):
+        """x [B, 1, E] through every block in one compiled call, or None (the eager blocks)."""
+        if self.fused is None or not step.decode or not step.fast or torch.is_grad_enabled():
+            return None
+        out = self.fused.step(x[:, 0], step.positions, step.row0, cache.k, cache.v, slots)
+        return None if out is None else out[:, None]
 
     def cache_dims(self) -> tuple[int, int, int]:
         a = self.args
@@ -120,6 +145,9 @@ class LlamaRuntime(Runtime):
 
     def forward(self, tokens, step: StepIndex, cache: KVCache, slots=None, logits: str = "last"):
         x = self.vocab.embed(tokens)  # [B, T, E]
+        fused = self._fused_step(x, step, cache, slots)
+        if fused is not None:
+            return self.vocab.logits(rms_norm(fused, self.norm, self.args.eps), logits, True)
         pos = step.positions
         rope = (self.cos[pos].unsqueeze(2), self.sin[pos].unsqueeze(2))  # [B, T, 1, D]
         mask = group_mask(step.mask, self.args.heads // self.args.kv_heads)

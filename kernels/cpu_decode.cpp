@@ -1,0 +1,294 @@
+// Fused CPU decode of a stack of pre-norm decoder blocks (RMSNorm, RoPE, grouped-query
+// attention over the KV cache, gated SiLU MLP), one new token per row, every projection on
+// torch's 4-bit kernel plus its weak columns. Built and loaded by `cpu_decode.py`; twin: the
+// runtime's eager block (`server/runtime/llama.py`), which this file must match to fp32
+// rounding. One call per decode step instead of ~60 eager ops per block: what remains of a
+// step is the 4-bit GEMMs and the bytes they read.
+//
+// Every row is computed on its own (norms, RoPE, its weak columns from its own slot, attention
+// over its own positions), so a row's numbers do not depend on which other rows share the step.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define OWQ_F16C 1
+#endif
+
+namespace {
+
+struct Linear {
+  at::Tensor packed, scale_zero;  // torch's 4-bit kernel operands
+  at::Tensor correction;          // fp32 [groups, out] zero term of 4-bit codes, or empty
+  at::Tensor idx;                 // long [k] weak inputs, or empty
+  at::Tensor bias;                // fp32 [out], or empty
+  int64_t group = 0, group_size = 0, out = 0;
+};
+
+struct Block {
+  Linear qkv, o, gate_up, down;
+  at::Tensor attn_norm, mlp_norm;  // fp32 [E]
+};
+
+bool given(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+// acc[0:n] += a * row[0:n], row fp16 or fp32.
+void axpy(float* acc, const at::Half* row, float a, int64_t n) {
+  int64_t i = 0;
+#ifdef OWQ_F16C
+  const __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) {
+    __m256 r = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + i)));
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(va, r, _mm256_loadu_ps(acc + i)));
+  }
+#endif
+  for (; i < n; ++i) acc[i] += a * static_cast<float>(row[i]);
+}
+
+void axpy(float* acc, const float* row, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += a * row[i];
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// The dense part of x [B, in] -> [B, out] fp32, as `cpu_ops._int4`, plus the bias.
+at::Tensor dense(const Linear& l, const at::Tensor& x) {
+  at::Tensor xb = x.to(at::kBFloat16);
+  at::Tensor y = at::_weight_int4pack_mm_for_cpu(xb, l.packed, l.group, l.scale_zero);
+  y = y.to(at::kFloat);
+  if (given(l.correction)) {
+    at::Tensor sums = xb.to(at::kFloat).view({x.size(0), -1, l.group_size}).sum(-1);
+    y = at::addmm(y, sums, l.correction);
+  }
+  if (given(l.bias)) y.add_(l.bias);
+  return y;
+}
+
+// y [B, out] += x[b, idx] @ table[slot(b)]: rows on the base (slot 0) in fp32 as the base's
+// GEMM, rows on adapters with their inputs rounded to the table's fp16 (as `weak_bag`); sums
+// in fp32, per row.
+template <typename T>
+void weak_rows(float* y, const float* x, int64_t in, const Linear& l, const T* table,
+               const int64_t* slots, int64_t rows) {
+  const int64_t k = l.idx.numel(), out = l.out;
+  const int64_t* idx = l.idx.data_ptr<int64_t>();
+  const bool half = std::is_same<T, at::Half>::value;
+  const int64_t grain = rows * k * out < (1 << 15) ? rows : 1;
+  at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> acc(out);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t slot = slots ? slots[b] : 0;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        float a = x[b * in + idx[j]];
+        if (half && slot != 0) a = static_cast<float>(static_cast<at::Half>(a));
+        axpy(acc.data(), table + (slot * k + j) * out, a, out);
+      }
+      float* yb = y + b * out;
+      for (int64_t i = 0; i < out; ++i) yb[i] += acc[i];
+    }
+  });
+}
+
+at::Tensor project(const Linear& l, const at::Tensor& x, const at::Tensor& table,
+                   const int64_t* slots) {
+  at::Tensor y = dense(l, x);
+  if (!given(l.idx)) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (table.scalar_type() == at::kHalf && table.is_contiguous()) {
+    weak_rows(yp, xp, x.size(1), l, table.data_ptr<at::Half>(), slots, x.size(0));
+  } else {
+    at::Tensor t = table.to(at::kFloat).contiguous();
+    weak_rows(yp, xp, x.size(1), l, t.data_ptr<float>(), slots, x.size(0));
+  }
+  return y;
+}
+
+void rms_norm(float* out, const float* x, const float* w, int64_t n, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+// v [D] <- v·cos + swap_halves(v)·signed_sin, the rows of the runtime's tables at one position.
+void rope(float* v, const float* cos, const float* ssin, int64_t d, float* tmp) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) tmp[i] = v[i] * cos[i] + v[(i + half) % d] * ssin[i];
+  std::copy(tmp, tmp + d, v);
+}
+
+class Stack {
+ public:
+  Stack(std::vector<std::vector<at::Tensor>> tensors, std::vector<std::vector<int64_t>> ints,
+        std::vector<at::Tensor> norms, at::Tensor cos, at::Tensor ssin, int64_t heads,
+        int64_t kv_heads, int64_t head_dim, double eps)
+      : cos_(cos.contiguous()), ssin_(ssin.contiguous()), heads_(heads), kv_heads_(kv_heads),
+        d_(head_dim), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(tensors.size() == ints.size() && tensors.size() % 4 == 0, "4 linears a block");
+    TORCH_CHECK(norms.size() * 2 == tensors.size(), "2 norms a block");
+    std::vector<Linear> linears;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      const auto& t = tensors[i];
+      TORCH_CHECK(t.size() == 5 && ints[i].size() == 3, "linear ", i, ": 5 tensors, 3 ints");
+      Linear l;
+      l.packed = t[0];
+      l.scale_zero = t[1];
+      l.correction = t[2];
+      l.idx = t[3].to(at::kLong).contiguous();
+      l.bias = t[4];
+      l.group = ints[i][0];
+      l.group_size = ints[i][1];
+      l.out = ints[i][2];
+      linears.push_back(l);
+    }
+    for (size_t b = 0; b < norms.size() / 2; ++b) {
+      blocks_.push_back({linears[4 * b], linears[4 * b + 1], linears[4 * b + 2],
+                         linears[4 * b + 3], norms[2 * b].contiguous(),
+                         norms[2 * b + 1].contiguous()});
+    }
+  }
+
+  // x [B, E] fp32 (the embedded tokens) -> [B, E] after every block; positions long [B] (each
+  // row's new token, written there); cache rows row0 .. row0+B of k[i], v[i] [rows, Hkv, ctx,
+  // D]; tables[4·i + j]: the j-th projection's slot table [S+1, k, out]; slots long [B] or
+  // empty (every row on the base).
+  at::Tensor step(at::Tensor x, at::Tensor positions, int64_t row0,
+                  const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
+                  const std::vector<at::Tensor>& tables, at::Tensor slots) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: fp32 [B, E]");
+    TORCH_CHECK(k.size() == blocks_.size() && v.size() == blocks_.size(), "one cache a block");
+    TORCH_CHECK(tables.size() == 4 * blocks_.size(), "one table a projection");
+    x = x.contiguous().clone();
+    const int64_t rows = x.size(0), width = x.size(1);
+    TORCH_CHECK(positions.numel() == rows, "one position a row");
+    at::Tensor pos_t = positions.to(at::kLong).contiguous();
+    const int64_t* pos = pos_t.data_ptr<int64_t>();
+    at::Tensor slot_t = given(slots) ? slots.to(at::kLong).contiguous() : at::Tensor();
+    const int64_t* slot = given(slot_t) ? slot_t.data_ptr<int64_t>() : nullptr;
+    const int64_t ctx = cos_.size(0);
+    for (int64_t b = 0; b < rows; ++b) {
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < ctx, "position ", pos[b], " outside the cache");
+    }
+    at::Tensor h = at::empty_like(x);
+    at::Tensor attn = at::empty({rows, heads_ * d_}, x.options());
+    float* xp = x.data_ptr<float>();
+    float* hp = h.data_ptr<float>();
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const Block& blk = blocks_[i];
+      norm_rows(hp, xp, blk.attn_norm, rows, width);
+      at::Tensor qkv = project(blk.qkv, h, tables[4 * i], slot);
+      attend(qkv, attn, pos, row0, k[i], v[i]);
+      at::Tensor o = project(blk.o, attn, tables[4 * i + 1], slot);
+      x.add_(o);
+      norm_rows(hp, xp, blk.mlp_norm, rows, width);
+      at::Tensor gu = project(blk.gate_up, h, tables[4 * i + 2], slot);
+      at::Tensor act = gated(gu);
+      x.add_(project(blk.down, act, tables[4 * i + 3], slot));
+    }
+    return x;
+  }
+
+ private:
+  void norm_rows(float* out, const float* x, const at::Tensor& w, int64_t rows, int64_t n) {
+    const float* wp = w.data_ptr<float>();
+    for (int64_t b = 0; b < rows; ++b) rms_norm(out + b * n, x + b * n, wp, n, eps_);
+  }
+
+  // silu(gate)·up of [B, 2·I] -> [B, I].
+  static at::Tensor gated(const at::Tensor& gu) {
+    const int64_t rows = gu.size(0), inter = gu.size(1) / 2;
+    at::Tensor out = at::empty({rows, inter}, gu.options());
+    const float* g = gu.data_ptr<float>();
+    float* o = out.data_ptr<float>();
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* gb = g + b * 2 * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float a = gb[i];
+        o[b * inter + i] = a / (1.f + std::exp(-a)) * gb[inter + i];
+      }
+    }
+    return out;
+  }
+
+  // RoPE on each row's q and k, k and v written at the row's position, then each query head
+  // over its key head's positions 0 .. pos into attn [B, Hq·D].
+  void attend(at::Tensor& qkv, at::Tensor& attn, const int64_t* pos, int64_t row0,
+              const at::Tensor& kc, const at::Tensor& vc) {
+    const int64_t rows = qkv.size(0), width = qkv.size(1), d = d_;
+    const int64_t hq = heads_, hkv = kv_heads_, groups = hq / hkv, ctx = kc.size(2);
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "the cache must be contiguous");
+    TORCH_CHECK(row0 + rows <= kc.size(0), "cache rows out of range");
+    float* q = qkv.data_ptr<float>();
+    float* kp = kc.data_ptr<float>();
+    float* vp = vc.data_ptr<float>();
+    const float* cos = cos_.data_ptr<float>();
+    const float* ssin = ssin_.data_ptr<float>();
+    std::vector<float> tmp(d);
+    for (int64_t b = 0; b < rows; ++b) {
+      float* row = q + b * width;
+      const float* c = cos + pos[b] * d;
+      const float* s = ssin + pos[b] * d;
+      for (int64_t h = 0; h < hq + hkv; ++h) rope(row + h * d, c, s, d, tmp.data());
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int64_t where = (((row0 + b) * hkv + h) * ctx + pos[b]) * d;
+        std::copy(row + (hq + h) * d, row + (hq + h + 1) * d, kp + where);
+        std::copy(row + (hq + hkv + h) * d, row + (hq + hkv + h + 1) * d, vp + where);
+      }
+    }
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    float* out = attn.data_ptr<float>();
+    int64_t work = 0;
+    for (int64_t b = 0; b < rows; ++b) work += (pos[b] + 1) * hq * d;
+    const int64_t grain = work < (1 << 16) ? rows * hq : 1;
+    at::parallel_for(0, rows * hq, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / hq, head = i % hq, kvh = head / groups, len = pos[b] + 1;
+        const float* qh = q + b * width + head * d;
+        const float* keys = kp + ((row0 + b) * hkv + kvh) * ctx * d;
+        const float* vals = vp + ((row0 + b) * hkv + kvh) * ctx * d;
+        p.resize(len);
+        float top = -INFINITY;
+        for (int64_t t = 0; t < len; ++t) {
+          p[t] = dot(qh, keys + t * d, d) * scale;
+          top = std::max(top, p[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; ++t) sum += (p[t] = std::exp(p[t] - top));
+        float* oh = out + b * hq * d + head * d;
+        std::fill(oh, oh + d, 0.f);
+        for (int64_t t = 0; t < len; ++t) axpy(oh, vals + t * d, p[t], d);
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < d; ++j) oh[j] *= inv;
+      }
+    });
+  }
+
+  std::vector<Block> blocks_;
+  at::Tensor cos_, ssin_;
+  int64_t heads_, kv_heads_, d_;
+  float eps_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Stack>(m, "Stack")
+      .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<int64_t>>,
+                          std::vector<at::Tensor>, at::Tensor, at::Tensor, int64_t, int64_t,
+                          int64_t, double>())
+      .def("step", &Stack::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+}

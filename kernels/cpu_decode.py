@@ -1,0 +1,125 @@
+"""Fused CPU decode step of a stack of pre-norm RoPE blocks (`cpu_decode.cpp`).
+
+One call runs every block of a decode step (one new token per row): RMSNorm, each projection
+on torch's 4-bit kernel plus its weak columns from each row's own slot, RoPE, the KV-cache
+write, grouped-query attention over each row's positions, the gated SiLU MLP, the residuals.
+The eager block does ~60 small torch ops per block; at batch 1 their dispatch, not the bytes
+of the 4-bit codes, was most of a step. Twin: the runtime's eager block
+(`server/runtime/llama.py`), matched to fp32 rounding by the tests.
+
+`load()` builds the C++ source once per machine with torch's extension builder (a C++ compiler
+and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch's extension
+cache (`TORCH_EXTENSIONS_DIR`, rebuilt when the source changes), and returns the module; None,
+with one warning, where it cannot be built or `OWQ_CPU_DECODE=0` turns it off. `DecodeStack`
+holds a runtime's layers' operands, read once from their CPU plans, and checks on every step
+that those plans are still the layers' own. Knows the 4-bit plan and the block's maths;
+nothing about model families' names, requests or adapters by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .owq_linear import OWQLinear
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "cpu_decode.cpp"
+SWITCH = "OWQ_CPU_DECODE"  # "0": the eager blocks only
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+def flags() -> list[str]:
+    """x86-64-v3 (AVX2, FMA, F16C) where torch runs AVX2 or wider, never `-march=native`: a
+    build kept in a shared cache or an image may run on another CPU of that level; elsewhere
+    portable C++ (the fp16 loads take the scalar path)."""
+    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ["-O3", "-fopenmp-simd"] + (["-march=x86-64-v3"] if wide and x86 else [])
+
+
+@functools.cache
+def load():
+    """The compiled module, built on first use; None where it cannot be (logged once)."""
+    if not enabled():
+        return None
+    from torch.utils import cpp_extension
+
+    log.info("loading the fused CPU decode step (built once per machine, ~30 s)")
+    try:
+        return cpp_extension.load("owq_cpu_decode", [str(SOURCE)], extra_cflags=flags())
+    except Exception as e:  # no compiler, no ninja, a failed build: the eager blocks serve
+        log.warning("fused CPU decode step unavailable (%s): decode runs the eager blocks", e)
+        return None
+
+
+def _none() -> torch.Tensor:
+    return torch.empty(0)
+
+
+def operands(layer: OWQLinear) -> tuple[list[torch.Tensor], list[int]] | None:
+    """One projection's operands for the C++ stack from its CPU plan, or None where the layer
+    does not take the 4-bit kernel (or runs its reference path)."""
+    plan = layer.cpu
+    if layer.force_reference or plan is None or plan.int4 is None:
+        return None
+    if plan.dtype != torch.float32 or layer.trainable is not None:
+        return None
+    q = plan.int4
+    idx = plan.idx if plan.idx is not None else layer.outlier_idx.long()
+    bias = _none() if layer.bias is None else layer.bias.float().contiguous()
+    correction = _none() if q.correction is None else q.correction
+    tensors = [q.packed, q.scale_zero, correction, idx if layer.num_weak else _none(), bias]
+    return tensors, [q.group, q.group_size, layer.out_features]
+
+
+class DecodeStack:
+    """The compiled stack over blocks of four projections each (q/k/v fused, o, gate/up fused,
+    down) and their two norms. `step` runs a decode step; it returns None (the caller then runs
+    the eager blocks) where a layer's plan changed since the stack was built."""
+
+    def __init__(self, module, layers: Sequence[OWQLinear], norms: Sequence[torch.Tensor],
+                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int, eps: float):  # fmt: skip
+        ops = [operands(layer) for layer in layers]
+        if any(op is None for op in ops):
+            raise ValueError("every projection must take the 4-bit kernel")
+        self.layers = list(layers)
+        self.plans = [layer.cpu for layer in layers]
+        self.stale = False  # warned once that a plan changed under the stack
+        self.stack = module.Stack(
+            [op[0] for op in ops], [op[1] for op in ops], [n.float().contiguous() for n in norms],
+            cos.float().contiguous(), sin.float().contiguous(), heads, kv_heads, head_dim, eps,
+        )  # fmt: skip
+
+    @classmethod
+    def build(cls, layers: Sequence[OWQLinear], *args) -> DecodeStack | None:
+        """The stack, or None where the module cannot be built or a layer does not qualify."""
+        if any(operands(layer) is None for layer in layers):
+            return None
+        module = load()
+        return None if module is None else cls(module, layers, *args)
+
+    def step(self, x: torch.Tensor, positions: torch.Tensor, row0: int, k, v, slots):
+        """x [B, E] fp32 -> [B, E] after every block, or None (see the class)."""
+        tables = []
+        for layer, plan in zip(self.layers, self.plans, strict=True):
+            if layer.cpu is not plan or layer.trainable is not None:
+                if not self.stale:
+                    log.warning("a layer's CPU plan changed: decode runs the eager blocks "
+                                "until the runtime is prepared again")  # fmt: skip
+                self.stale = True
+                return None
+            tables.append(layer.weak_table)
+        slots = _none() if slots is None else slots
+        return self.stack.step(x, positions.reshape(-1), row0, k, v, tables, slots)

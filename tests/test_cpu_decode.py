@@ -1,0 +1,139 @@
+"""The fused CPU decode step (`kernels/cpu_decode.cpp`) against its twin, the runtime's eager
+Llama blocks: one decode step of rows at different positions, on the base and on two adapter
+slots, for tied and untied heads, a q/k/v bias (Qwen2), centred 3-bit and grouped 4-bit codes
+(the zero term); each row's numbers the same alone as beside others; the eager blocks where the
+fused step does not apply."""
+
+import pytest
+import torch
+from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model
+
+from owq.kernels import cpu_decode
+from owq.server.runtime import KVCache, step_index
+
+LENGTHS = [5, 9, 3, 7]  # each row's prompt: the decode step's rows sit at different positions
+
+
+def prefilled(rt, tokens: torch.Tensor, slots: torch.Tensor) -> KVCache:
+    """Each row's prompt (its own length) written into its own cache row."""
+    cache = KVCache(rt.cache_shape(len(LENGTHS)))
+    with torch.inference_mode():
+        for row, n in enumerate(LENGTHS):
+            step = step_index(cache.shape, row, torch.arange(n)[None])
+            rt(tokens[row : row + 1, :n], step, cache, slots[row : row + 1], "none")
+    return cache
+
+
+def decode(rt, cache: KVCache, tokens: torch.Tensor, slots, row0: int = 0) -> torch.Tensor:
+    lengths = torch.tensor(LENGTHS[row0 : row0 + tokens.shape[0]])
+    step = step_index(cache.shape, row0, lengths[:, None], decode=True)
+    with torch.inference_mode():
+        return rt(tokens, step, cache, slots, "last")
+
+
+def setup(kind: str, group_size: int, bits: int):
+    model = tiny_quantized_model(kind, group_size=group_size, bits=bits)
+    adapters = [random_adapter(model, f"a{i}", seed=i) for i in (1, 2)]
+    rt = runtime_of(model, 64, adapters)
+    rt.prepare(packed=True)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(1, 128, (len(LENGTHS), max(LENGTHS) + 1), generator=gen)
+    return rt, tokens
+
+
+def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.stack([tokens[row, n] for row, n in enumerate(LENGTHS)])[:, None]
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("group_size,bits", [(-1, 3), (32, 4)])
+def test_fused_step_equals_the_eager_blocks(kind, group_size, bits):
+    rt, tokens = setup(kind, group_size, bits)
+    assert rt.fused is not None, "the fused step must build here (a C++ compiler and ninja)"
+    slots = torch.tensor([0, 1, 2, 1])
+    fused_cache = prefilled(rt, tokens, slots)
+    eager_cache = prefilled(rt, tokens, slots)
+    fused = decode(rt, fused_cache, next_tokens(tokens), slots)
+    rt.fused, stack = None, rt.fused
+    eager = decode(rt, eager_cache, next_tokens(tokens), slots)
+    rt.fused = stack
+    # bf16 activations into the 4-bit kernel: an fp32 difference in the last bit may round one
+    # input to the next bf16 (2^-8 relative); two blocks keep that far under 2e-3 of the
+    # logits. Rows on adapters: the eager bag rounds their weak sums to fp16, the fused step
+    # keeps them in fp32 (about 1% here, where the adapters are noise twice the columns' std).
+    # A wrong head, position, slot or norm is of the order of the logits themselves.
+    scale = float(eager.abs().max())
+    torch.testing.assert_close(fused[0], eager[0], rtol=0, atol=2e-3 * scale)
+    torch.testing.assert_close(fused[1:], eager[1:], rtol=0, atol=2e-2 * scale)
+    swapped = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), 3 - slots)
+    assert float((swapped[1:] - eager[1:]).abs().max()) > 0.2 * scale  # slots are read
+    for layer in range(len(rt.blocks)):  # the new keys (after RoPE) and values, written in place
+        for a, b in ((fused_cache.k[layer], eager_cache.k[layer]),
+                     (fused_cache.v[layer], eager_cache.v[layer])):  # fmt: skip
+            top = float(b.abs().max())
+            torch.testing.assert_close(a[0], b[0], rtol=0, atol=2e-3 * top)
+            torch.testing.assert_close(a[1:], b[1:], rtol=0, atol=2e-2 * top)
+
+
+def test_rows_do_not_depend_on_the_step_they_share():
+    """Bit for bit, through every block (the head's fp32 GEMM is MKL's, whose lone row differs)."""
+    rt, tokens = setup("llama", -1, 3)
+    slots = torch.tensor([0, 1, 2, 1])
+    x = rt.vocab.embed(next_tokens(tokens))[:, 0]
+    positions = torch.tensor(LENGTHS)
+    cache = prefilled(rt, tokens, slots)
+    together = rt.fused.step(x, positions, 0, cache.k, cache.v, slots)
+    for row in range(len(LENGTHS)):  # the same step again, each row on its own
+        cache = prefilled(rt, tokens, slots)
+        one = slice(row, row + 1)
+        alone = rt.fused.step(x[one], positions[one], row, cache.k, cache.v, slots[one])
+        torch.testing.assert_close(alone[0], together[row], rtol=0, atol=0)
+
+
+def test_rows_on_the_base_equal_no_slots():
+    rt, tokens = setup("llama", -1, 3)
+    base = torch.zeros(len(LENGTHS), dtype=torch.long)
+    on_slots = decode(rt, prefilled(rt, tokens, base), next_tokens(tokens), base)
+    no_slots = decode(rt, prefilled(rt, tokens, base), next_tokens(tokens), None)
+    torch.testing.assert_close(on_slots, no_slots, rtol=0, atol=0)
+
+
+def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
+    model = tiny_quantized_model("qwen3", group_size=-1, bits=3)  # per-head q/k norms
+    qwen3 = runtime_of(model, 64)
+    qwen3.prepare(packed=True)
+    assert qwen3.fused is None
+    rt, tokens = setup("llama", -1, 3)
+    rt.prepare(packed=False)  # the fp32 path: nothing to fuse
+    assert rt.fused is None
+    rt.prepare(packed=True)
+    assert rt.fused is not None
+    slots = torch.tensor([0, 1, 2, 1])
+    want = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), slots)
+    rt.blocks[0].o.release()  # a plan rebuilt under the stack: the step falls back to eager
+    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), 0, [], [], None) is None
+    rt.blocks[0].o.prepare(torch.float32, int4=True, resident=False)
+    got = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), slots)
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-3 * scale)
+    torch.testing.assert_close(got[1:], want[1:], rtol=0, atol=2e-2 * scale)
+    assert not torch.equal(got[1:], want[1:])  # the eager bag's fp16 sums: eager ran
+    monkeypatch.setenv(cpu_decode.SWITCH, "0")
+    cpu_decode.load.cache_clear()
+    try:
+        assert cpu_decode.load() is None
+        rt.prepare(packed=True)
+        assert rt.fused is None
+    finally:
+        monkeypatch.undo()
+        cpu_decode.load.cache_clear()
+
+
+def test_a_position_outside_the_cache_is_refused():
+    rt, _ = setup("llama", -1, 3)
+    cache = KVCache(rt.cache_shape(1))
+    x = torch.zeros(1, 64)
+    with pytest.raises(RuntimeError, match="position 64 outside the cache"):
+        rt.fused.step(x, torch.tensor([64]), 0, cache.k, cache.v, None)
+    with pytest.raises(RuntimeError, match="cache rows out of range"):
+        rt.fused.step(x, torch.tensor([3]), 1, cache.k, cache.v, None)
