@@ -182,6 +182,9 @@ class Stack {
     for (int64_t b = 0; b < rows; ++b) {
       TORCH_CHECK(pos[b] >= 0 && pos[b] < ctx, "position ", pos[b], " outside the cache");
     }
+    for (int64_t b = 0; slot && b < rows; ++b) {
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < tables[0].size(0), "slot ", slot[b], " out of range");
+    }
     at::Tensor h = at::empty_like(x);
     at::Tensor attn = at::empty({rows, heads_ * d_}, x.options());
     float* xp = x.data_ptr<float>();

@@ -65,7 +65,9 @@ def test_fused_step_equals_the_eager_blocks(kind, group_size, bits):
     scale = float(eager.abs().max())
     torch.testing.assert_close(fused[0], eager[0], rtol=0, atol=2e-3 * scale)
     torch.testing.assert_close(fused[1:], eager[1:], rtol=0, atol=2e-2 * scale)
-    swapped = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), 3 - slots)
+    swapped = decode(
+        rt, prefilled(rt, tokens, slots), next_tokens(tokens), torch.tensor([0, 2, 1, 2])
+    )
     assert float((swapped[1:] - eager[1:]).abs().max()) > 0.2 * scale  # slots are read
     for layer in range(len(rt.blocks)):  # the new keys (after RoPE) and values, written in place
         for a, b in ((fused_cache.k[layer], eager_cache.k[layer]),
@@ -137,3 +139,5 @@ def test_a_position_outside_the_cache_is_refused():
         rt.fused.step(x, torch.tensor([64]), 0, cache.k, cache.v, None)
     with pytest.raises(RuntimeError, match="cache rows out of range"):
         rt.fused.step(x, torch.tensor([3]), 1, cache.k, cache.v, None)
+    with pytest.raises(RuntimeError, match="slot 3 out of range"):  # 2 adapter slots
+        rt.fused.step(x, torch.tensor([3]), 0, cache.k, cache.v, torch.tensor([3]))
