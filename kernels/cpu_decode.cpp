@@ -27,6 +27,7 @@ struct Linear {
   at::Tensor correction;          // fp32 [groups, out] zero term of 4-bit codes, or empty
   at::Tensor idx;                 // long [k] weak inputs, or empty
   at::Tensor bias;                // fp32 [out], or empty
+  at::Tensor spans;               // long [R, 3]: (weak row j, first output, outputs) it covers
   int64_t group = 0, group_size = 0, out = 0;
 };
 
@@ -80,19 +81,23 @@ at::Tensor dense(const Linear& l, const at::Tensor& x) {
 template <typename T>
 void weak_rows(float* y, const float* x, int64_t in, const Linear& l, const T* table,
                const int64_t* slots, int64_t rows) {
-  const int64_t k = l.idx.numel(), out = l.out;
+  const int64_t k = l.idx.numel(), out = l.out, spans = l.spans.size(0);
   const int64_t* idx = l.idx.data_ptr<int64_t>();
+  const int64_t* span = l.spans.data_ptr<int64_t>();
   const bool half = std::is_same<T, at::Half>::value;
   const int64_t grain = rows * k * out < (1 << 15) ? rows : 1;
   at::parallel_for(0, rows, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> acc(out);
+    std::vector<float> acc(out), a(k);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t slot = slots ? slots[b] : 0;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < k; ++j) {
-        float a = x[b * in + idx[j]];
-        if (half && slot != 0) a = static_cast<float>(static_cast<at::Half>(a));
-        axpy(acc.data(), table + (slot * k + j) * out, a, out);
+        a[j] = x[b * in + idx[j]];
+        if (half && slot != 0) a[j] = static_cast<float>(static_cast<at::Half>(a[j]));
+      }
+      for (int64_t r = 0; r < spans; ++r) {  // a fused layer's zeros outside its parts: skipped
+        const int64_t j = span[3 * r], first = span[3 * r + 1], width = span[3 * r + 2];
+        axpy(acc.data() + first, table + (slot * k + j) * out + first, a[j], width);
       }
       float* yb = y + b * out;
       for (int64_t i = 0; i < out; ++i) yb[i] += acc[i];
@@ -142,13 +147,20 @@ class Stack {
     std::vector<Linear> linears;
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      TORCH_CHECK(t.size() == 5 && ints[i].size() == 3, "linear ", i, ": 5 tensors, 3 ints");
+      TORCH_CHECK(t.size() == 6 && ints[i].size() == 3, "linear ", i, ": 6 tensors, 3 ints");
       Linear l;
       l.packed = t[0];
       l.scale_zero = t[1];
       l.correction = t[2];
       l.idx = t[3].to(at::kLong).contiguous();
       l.bias = t[4];
+      l.spans = t[5].to(at::kLong).contiguous();
+      const int64_t* sp = l.spans.data_ptr<int64_t>();
+      for (int64_t r = 0; r < l.spans.size(0); ++r) {
+        TORCH_CHECK(sp[3 * r] >= 0 && sp[3 * r] < l.idx.numel() && sp[3 * r + 1] >= 0 &&
+                        sp[3 * r + 2] >= 0 && sp[3 * r + 1] + sp[3 * r + 2] <= ints[i][2],
+                    "linear ", i, ": span ", r, " outside the table");
+      }
       l.group = ints[i][0];
       l.group_size = ints[i][1];
       l.out = ints[i][2];

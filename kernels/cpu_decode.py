@@ -80,7 +80,14 @@ def operands(layer: OWQLinear) -> tuple[list[torch.Tensor], list[int]] | None:
     bias = _none() if layer.bias is None else layer.bias.float().contiguous()
     correction = _none() if q.correction is None else q.correction
     tensors = [q.packed, q.scale_zero, correction, idx if layer.num_weak else _none(), bias]
-    return tensors, [q.group, q.group_size, layer.out_features]
+    return tensors + [spans(layer)], [q.group, q.group_size, layer.out_features]
+
+
+def spans(layer: OWQLinear) -> torch.Tensor:
+    """long [R, 3]: (weak row, first output, outputs) for each table row of each part: a fused
+    layer's table is zero outside its parts (`kernels.fused`), which the step need not read."""
+    rows = [(int(j), part.offset, part.out_features) for part in layer.parts for j in part.rows]
+    return torch.tensor(rows, dtype=torch.long).view(-1, 3)
 
 
 class DecodeStack:
