@@ -167,6 +167,10 @@ class Stack {
       linears.push_back(l);
     }
     for (size_t b = 0; b < norms.size() / 2; ++b) {
+      TORCH_CHECK(linears[4 * b].out == (heads + 2 * kv_heads) * head_dim && heads % kv_heads == 0,
+                  "block ", b, ": q/k/v of ", linears[4 * b].out, " outputs for ", heads, "+2x",
+                  kv_heads, " heads of ", head_dim);
+      TORCH_CHECK(linears[4 * b + 2].out % 2 == 0, "block ", b, ": gate/up of odd width");
       blocks_.push_back({linears[4 * b], linears[4 * b + 1], linears[4 * b + 2],
                          linears[4 * b + 3], norms[2 * b].contiguous(),
                          norms[2 * b + 1].contiguous()});
@@ -243,9 +247,16 @@ class Stack {
   void attend(at::Tensor& qkv, at::Tensor& attn, const int64_t* pos, int64_t row0,
               const at::Tensor& kc, const at::Tensor& vc) {
     const int64_t rows = qkv.size(0), width = qkv.size(1), d = d_;
-    const int64_t hq = heads_, hkv = kv_heads_, groups = hq / hkv, ctx = kc.size(2);
-    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous(), "the cache must be contiguous");
-    TORCH_CHECK(row0 + rows <= kc.size(0), "cache rows out of range");
+    const int64_t hq = heads_, hkv = kv_heads_, groups = hq / hkv;
+    TORCH_CHECK(kc.dim() == 4 && kc.size(1) == hkv && kc.size(3) == d, "cache of another shape");
+    const int64_t ctx = kc.size(2);
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat &&
+                    vc.sizes() == kc.sizes() && vc.scalar_type() == at::kFloat,
+                "the cache: two contiguous fp32 [rows, Hkv, ctx, D] tensors a block");
+    TORCH_CHECK(row0 >= 0 && row0 + rows <= kc.size(0), "cache rows out of range");
+    for (int64_t b = 0; b < rows; ++b) {
+      TORCH_CHECK(pos[b] < ctx, "position ", pos[b], " outside the cache");
+    }
     float* q = qkv.data_ptr<float>();
     float* kp = kc.data_ptr<float>();
     float* vp = vc.data_ptr<float>();
