@@ -10,7 +10,9 @@ of the 4-bit codes, was most of a step. Twin: the runtime's eager block
 `load()` builds the C++ source once per machine with torch's extension builder (a C++ compiler
 and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, rebuilt when the source changes), and returns the module; None,
-with one warning, where it cannot be built or `OWQ_CPU_DECODE=0` turns it off. `DecodeStack`
+with one warning, where it cannot be built or `OWQ_CPU_DECODE=0` turns it off. A module built
+ahead from this source is imported as it is from `OWQ_CPU_DECODE_LIB` (the CPU image has no
+compiler). `DecodeStack`
 holds a runtime's layers' operands, read once from their CPU plans, and checks on every step
 that those plans are still the layers' own. Knows the 4-bit plan and the block's maths;
 nothing about model families' names, requests or adapters by name.
@@ -19,6 +21,7 @@ nothing about model families' names, requests or adapters by name.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 import platform
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "cpu_decode.cpp"
 SWITCH = "OWQ_CPU_DECODE"  # "0": the eager blocks only
+PREBUILT = "OWQ_CPU_DECODE_LIB"  # a module built ahead from this source (the CPU image's)
 
 
 def enabled() -> bool:
@@ -53,6 +57,12 @@ def load():
     """The compiled module, built on first use; None where it cannot be (logged once)."""
     if not enabled():
         return None
+    prebuilt = os.environ.get(PREBUILT)
+    if prebuilt and Path(prebuilt).is_file():
+        spec = importlib.util.spec_from_file_location("owq_cpu_decode", prebuilt)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
     from torch.utils import cpp_extension
 
     log.info("loading the fused CPU decode step (built once per machine, ~30 s)")

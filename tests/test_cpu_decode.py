@@ -4,6 +4,11 @@ slots, for tied and untied heads, a q/k/v bias (Qwen2), centred 3-bit and groupe
 (the zero term); each row's numbers the same alone as beside others; the eager blocks where the
 fused step does not apply."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model
@@ -141,3 +146,19 @@ def test_a_position_outside_the_cache_is_refused():
         rt.fused.step(x, torch.tensor([3]), 1, cache.k, cache.v, None)
     with pytest.raises(RuntimeError, match="slot 3 out of range"):  # 2 adapter slots
         rt.fused.step(x, torch.tensor([3]), 0, cache.k, cache.v, torch.tensor([3]))
+
+
+def test_a_module_built_ahead_is_imported_as_it_is(tmp_path):
+    """The CPU image builds the step once and has no compiler: `OWQ_CPU_DECODE_LIB` names it (a
+    fresh process: one process keeps the first module of a name it imported)."""
+    built = cpu_decode.load()
+    assert built is not None
+    copy = tmp_path / "owq_cpu_decode.so"
+    copy.write_bytes(Path(built.__file__).read_bytes())
+    env = dict(os.environ, **{cpu_decode.PREBUILT: str(copy)})
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "unused")  # nothing is built
+    code = "from owq.kernels import cpu_decode; m = cpu_decode.load(); print(m.__file__, m.Stack)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == str(copy)
+    assert not (tmp_path / "unused").exists()
