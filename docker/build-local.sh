@@ -52,10 +52,13 @@ ADAPTER=${OWQ_ADAPTER:-austen-novel-id}
 ADAPTERS=${OWQ_ADAPTERS:-$ROOT/examples/adapters}
 CONTAINER=owq-build-local
 # Debian's client has BuildKit built in; a client from elsewhere may need the buildx plugin.
-if [ -z "${DOCKER:-}" ]; then
-  DOCKER=docker
-  [ -x /usr/bin/docker ] && DOCKER=/usr/bin/docker
-fi
+# Picked again once the tools step has installed docker.io (DOCKER given: always that one).
+DOCKER_GIVEN=${DOCKER:-}
+pick_docker() {
+  DOCKER=${DOCKER_GIVEN:-docker}
+  if [ -z "$DOCKER_GIVEN" ] && [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; fi
+}
+pick_docker
 export DOCKER_BUILDKIT=1
 
 log() { printf '== %s\n' "$*" >&2; }
@@ -81,6 +84,7 @@ apt_install() {  # $1 command, $2 the Debian package that brings it
 
 step_tools() {
   apt_install dockerd docker.io
+  pick_docker
   if ! "$DOCKER" info >/dev/null 2>&1; then
     log "starting dockerd --bridge=none --iptables=false (log: $WORK/dockerd.log)"
     mkdir -p "$WORK"
