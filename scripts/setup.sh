@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up owq on a fresh machine: .venv with the CPU build of torch, owq (editable, with test
 # tools and Ray Serve), the built-in default model, and the Austen corpus file taken out of
-# Debian's r-cran-janeaustenr package into .venv/share/owq (the file only: no R). Safe to run again.
+# Debian's r-cran-janeaustenr package into .venv/share/owq (the file only: no R), and, where
+# missing, what torch needs to build the fused CPU decode step (g++, ninja, Python's headers).
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,20 @@ if [ ! -f "$corpus" ] && [ ! -f /usr/lib/R/site-library/janeaustenr/data/Rdata.r
   mkdir -p "$(dirname "$corpus")"
   cp "$work/root/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" "$corpus"
   rm -rf "$work"
+fi
+
+# torch builds the fused CPU decode step (kernels/cpu_decode.cpp) on first use: it needs a C++
+# compiler, ninja and the interpreter's headers (without them decode runs the eager blocks).
+tools=()
+command -v g++ >/dev/null || tools+=(g++)
+command -v ninja >/dev/null || tools+=(ninja-build)
+.venv/bin/python -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || tools+=(python3-dev)
+if [ ${#tools[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}"
 fi
 
 .venv/bin/python -m pip install -q --upgrade pip
