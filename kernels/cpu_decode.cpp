@@ -142,6 +142,11 @@ class Stack {
         int64_t kv_heads, int64_t head_dim, double eps)
       : cos_(cos.contiguous()), ssin_(ssin.contiguous()), heads_(heads), kv_heads_(kv_heads),
         d_(head_dim), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == ssin_.sizes() && cos_.size(1) == head_dim &&
+                    head_dim % 2 == 0,
+                "rotary tables: fp32 [ctx, head_dim] twice");
+    TORCH_CHECK(!norms.empty(), "no blocks");
+    width_ = norms[0].numel();
     TORCH_CHECK(tensors.size() == ints.size() && tensors.size() % 4 == 0, "4 linears a block");
     TORCH_CHECK(norms.size() * 2 == tensors.size(), "2 norms a block");
     std::vector<Linear> linears;
@@ -171,6 +176,9 @@ class Stack {
                   "block ", b, ": q/k/v of ", linears[4 * b].out, " outputs for ", heads, "+2x",
                   kv_heads, " heads of ", head_dim);
       TORCH_CHECK(linears[4 * b + 2].out % 2 == 0, "block ", b, ": gate/up of odd width");
+      TORCH_CHECK(norms[2 * b].numel() == width_ && norms[2 * b + 1].numel() == width_ &&
+                      linears[4 * b + 1].out == width_ && linears[4 * b + 3].out == width_,
+                  "block ", b, ": norms and outputs of another width than ", width_);
       blocks_.push_back({linears[4 * b], linears[4 * b + 1], linears[4 * b + 2],
                          linears[4 * b + 3], norms[2 * b].contiguous(),
                          norms[2 * b + 1].contiguous()});
@@ -184,9 +192,11 @@ class Stack {
   at::Tensor step(at::Tensor x, at::Tensor positions, int64_t row0,
                   const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
                   const std::vector<at::Tensor>& tables, at::Tensor slots) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: fp32 [B, E]");
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == width_,
+                "x: fp32 [B, E] of the model's width");
     TORCH_CHECK(k.size() == blocks_.size() && v.size() == blocks_.size(), "one cache a block");
-    TORCH_CHECK(tables.size() == 4 * blocks_.size(), "one table a projection");
+    const size_t n = 4 * blocks_.size();
+    TORCH_CHECK(tables.size() == n, "one table a projection");
     x = x.contiguous().clone();
     const int64_t rows = x.size(0), width = x.size(1);
     TORCH_CHECK(positions.numel() == rows, "one position a row");
@@ -197,6 +207,13 @@ class Stack {
     const int64_t ctx = cos_.size(0);
     for (int64_t b = 0; b < rows; ++b) {
       TORCH_CHECK(pos[b] >= 0 && pos[b] < ctx, "position ", pos[b], " outside the cache");
+    }
+    TORCH_CHECK(!slot || slot_t.numel() == rows, "one slot a row");
+    for (size_t i = 0; i < n; ++i) {
+      const Linear& l = linear(i);
+      TORCH_CHECK(tables[i].dim() == 3 && tables[i].size(0) == tables[0].size(0) &&
+                      tables[i].size(1) == l.idx.numel() && tables[i].size(2) == l.out,
+                  "projection ", i, ": a slot table of another shape");
     }
     for (int64_t b = 0; slot && b < rows; ++b) {
       TORCH_CHECK(slot[b] >= 0 && slot[b] < tables[0].size(0), "slot ", slot[b], " out of range");
@@ -303,9 +320,15 @@ class Stack {
     });
   }
 
+  const Linear& linear(size_t i) const {
+    const Block& b = blocks_[i / 4];
+    const Linear* four[] = {&b.qkv, &b.o, &b.gate_up, &b.down};
+    return *four[i % 4];
+  }
+
   std::vector<Block> blocks_;
   at::Tensor cos_, ssin_;
-  int64_t heads_, kv_heads_, d_;
+  int64_t heads_, kv_heads_, d_, width_ = 0;
   float eps_;
 };
 

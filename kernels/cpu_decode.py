@@ -5,7 +5,9 @@ on torch's 4-bit kernel plus its weak columns from each row's own slot, RoPE, th
 write, grouped-query attention over each row's positions, the gated SiLU MLP, the residuals.
 The eager block does ~60 small torch ops per block; at batch 1 their dispatch, not the bytes
 of the 4-bit codes, was most of a step. Twin: the runtime's eager block
-(`server/runtime/llama.py`), matched to fp32 rounding by the tests.
+(`server/runtime/llama.py`), matched to fp32 rounding by the tests for rows on the base and
+for fp32 slot tables; on fp16 tables the eager bag rounds a row's weak sum to fp16 and this step
+keeps it in fp32 (about 1% of the logits on the tests' random adapters).
 
 `load()` builds the C++ source once per machine with torch's extension builder (a C++ compiler
 and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch's extension
@@ -25,6 +27,7 @@ import importlib.util
 import logging
 import os
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,13 +46,42 @@ def enabled() -> bool:
     return os.environ.get(SWITCH, "1") != "0"
 
 
-def flags() -> list[str]:
-    """x86-64-v3 (AVX2, FMA, F16C) where torch runs AVX2 or wider, never `-march=native`: a
-    build kept in a shared cache or an image may run on another CPU of that level; elsewhere
-    portable C++ (the fp16 loads take the scalar path)."""
-    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+def wide() -> bool:
+    """An x86 CPU where torch runs AVX2 or wider: the level `flags` builds for."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return ["-O3", "-fopenmp-simd"] + (["-march=x86-64-v3"] if wide and x86 else [])
+    return x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def flags() -> list[str]:
+    """x86-64-v3 (AVX2, FMA, F16C) where `wide`, never `-march=native`: a build kept in a shared
+    cache or an image may run on another CPU of that level; elsewhere portable C++ (the fp16
+    loads take the scalar path). OpenMP where torch has it, so that `at::parallel_for` runs on
+    torch's threads (the loader finds torch's own libgomp.so.1 already loaded)."""
+    omp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    return ["-O3", "-fopenmp-simd", *omp] + (["-march=x86-64-v3"] if wide() else [])
+
+
+def _import(path: str):
+    """A module built ahead, imported as it is (refused on a CPU below the level it needs)."""
+    if platform.machine().lower() in ("x86_64", "amd64") and not wide():
+        raise RuntimeError("built for x86-64-v3 (AVX2); this CPU runs torch below it")
+    spec = importlib.util.spec_from_file_location("owq_cpu_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stale_lock(directory: Path, minutes: float = 10) -> None:
+    """torch's builder waits forever on a lock a killed build left behind: one older than any
+    build takes is removed, with a warning."""
+    lock = directory / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > 60 * minutes:
+        log.warning("removing %s, left by a build killed %.0f min ago", lock, age / 60)
+        lock.unlink(missing_ok=True)
 
 
 @functools.cache
@@ -59,15 +91,22 @@ def load():
         return None
     prebuilt = os.environ.get(PREBUILT)
     if prebuilt and Path(prebuilt).is_file():
-        spec = importlib.util.spec_from_file_location("owq_cpu_decode", prebuilt)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        try:
+            return _import(prebuilt)
+        except Exception as e:  # another CPU level, another torch: the eager blocks serve
+            log.warning("fused CPU decode step %s unusable (%s): decode runs the eager blocks",
+                        prebuilt, e)  # fmt: skip
+            return None
     from torch.utils import cpp_extension
 
     log.info("loading the fused CPU decode step (built once per machine, ~30 s)")
     try:
-        return cpp_extension.load("owq_cpu_decode", [str(SOURCE)], extra_cflags=flags())
+        _stale_lock(Path(cpp_extension._get_build_directory("owq_cpu_decode", False)))
+        cflags = flags()
+        ldflags = ["-fopenmp"] if "-fopenmp" in cflags else []
+        return cpp_extension.load(
+            "owq_cpu_decode", [str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags
+        )
     except Exception as e:  # no compiler, no ninja, a failed build: the eager blocks serve
         log.warning("fused CPU decode step unavailable (%s): decode runs the eager blocks", e)
         return None
@@ -125,13 +164,19 @@ class DecodeStack:
         if any(operands(layer) is None for layer in layers):
             return None
         module = load()
-        return None if module is None else cls(module, layers, *args)
+        if module is None:
+            return None
+        try:
+            return cls(module, layers, *args)
+        except (RuntimeError, TypeError) as e:  # a shape the step refuses, an older module
+            log.warning("fused CPU decode step refused this model (%s): eager blocks", e)
+            return None
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, row0: int, k, v, slots):
         """x [B, E] fp32 -> [B, E] after every block, or None (see the class)."""
         tables = []
         for layer, plan in zip(self.layers, self.plans, strict=True):
-            if layer.cpu is not plan or layer.trainable is not None:
+            if layer.cpu is not plan or layer.trainable is not None or layer.force_reference:
                 if not self.stale:
                     log.warning("a layer's CPU plan changed: decode runs the eager blocks "
                                 "until the runtime is prepared again")  # fmt: skip

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model
+from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model, write_slot
 
 from owq.kernels import cpu_decode
-from owq.server.runtime import KVCache, step_index
+from owq.server.runtime import KVCache, build_runtime, step_index
 
 LENGTHS = [5, 9, 3, 7]  # each row's prompt: the decode step's rows sit at different positions
 
@@ -36,10 +36,17 @@ def decode(rt, cache: KVCache, tokens: torch.Tensor, slots, row0: int = 0) -> to
         return rt(tokens, step, cache, slots, "last")
 
 
-def setup(kind: str, group_size: int, bits: int):
+def setup(kind: str, group_size: int, bits: int, table_dtype=None):
     model = tiny_quantized_model(kind, group_size=group_size, bits=bits)
     adapters = [random_adapter(model, f"a{i}", seed=i) for i in (1, 2)]
-    rt = runtime_of(model, 64, adapters)
+    if table_dtype is None:
+        rt = runtime_of(model, 64, adapters)
+    else:
+        rt = build_runtime(
+            model.config, model.state_dict(), 64, num_slots=2, table_dtype=table_dtype
+        )
+        for slot, adapter in enumerate(adapters, start=1):
+            write_slot(rt, slot, adapter)
     rt.prepare(packed=True)
     gen = torch.Generator().manual_seed(4)
     tokens = torch.randint(1, 128, (len(LENGTHS), max(LENGTHS) + 1), generator=gen)
@@ -82,6 +89,38 @@ def test_fused_step_equals_the_eager_blocks(kind, group_size, bits):
             torch.testing.assert_close(a[1:], b[1:], rtol=0, atol=2e-2 * top)
 
 
+def eager_and_fused(rt, tokens, slots, rows=slice(None)):
+    """One decode step of `rows` after their prompts, through the fused step and the eager
+    blocks, each on its own cache."""
+    fused = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens)[rows], slots[rows],
+                   row0=rows.start or 0)  # fmt: skip
+    rt.fused, stack = None, rt.fused
+    try:
+        eager = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens)[rows], slots[rows],
+                       row0=rows.start or 0)  # fmt: skip
+    finally:
+        rt.fused = stack
+    return fused, eager
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fp32_tables_agree_on_every_row(kind):
+    """With fp32 slot tables neither path rounds a weak sum: rows on adapters agree as tightly as
+    rows on the base (2e-3 of the logits, against 2e-2 on fp16 tables)."""
+    rt, tokens = setup(kind, -1, 3, table_dtype=torch.float32)
+    fused, eager = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]))
+    torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
+
+
+@pytest.mark.parametrize("row", [0, 2])
+def test_a_lone_row_equals_the_eager_blocks(row):
+    """One row decoding alone: the eager blocks take their slice write and no mask there."""
+    rt, tokens = setup("llama", -1, 3, table_dtype=torch.float32)
+    one = slice(row, row + 1)
+    fused, eager = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]), one)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
+
+
 def test_rows_do_not_depend_on_the_step_they_share():
     """Bit for bit, through every block (the head's fp32 GEMM is MKL's, whose lone row differs)."""
     rt, tokens = setup("llama", -1, 3)
@@ -117,6 +156,13 @@ def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
     assert rt.fused is not None
     slots = torch.tensor([0, 1, 2, 1])
     want = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), slots)
+    step = step_index(KVCache(rt.cache_shape(1)).shape, 0, torch.tensor([[1]]), decode=True)
+    with torch.enable_grad():  # autograd (tuning): the eager blocks
+        assert rt._fused_step(torch.zeros(1, 1, 64), step, None, None) is None
+    rt.blocks[1].down.force_reference = True  # the reference path asked for: the eager blocks
+    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), 0, [], [], None) is None
+    rt.blocks[1].down.force_reference = False
+    rt.fused.stale = False
     rt.blocks[0].o.release()  # a plan rebuilt under the stack: the step falls back to eager
     assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), 0, [], [], None) is None
     rt.blocks[0].o.prepare(torch.float32, int4=True, resident=False)
@@ -146,6 +192,8 @@ def test_a_position_outside_the_cache_is_refused():
         rt.fused.step(x, torch.tensor([3]), 1, cache.k, cache.v, None)
     with pytest.raises(RuntimeError, match="slot 3 out of range"):  # 2 adapter slots
         rt.fused.step(x, torch.tensor([3]), 0, cache.k, cache.v, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="one slot a row"):
+        rt.fused.step(x.expand(2, -1), torch.tensor([3, 3]), 0, cache.k, cache.v, torch.ones(1))
 
 
 def test_a_module_built_ahead_is_imported_as_it_is(tmp_path):
