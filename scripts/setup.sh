@@ -28,13 +28,16 @@ fi
 tools=()
 command -v g++ >/dev/null || tools+=(g++)
 command -v ninja >/dev/null || tools+=(ninja-build)
+# Python's headers come from Debian only for Debian's interpreter (sys.base_prefix /usr).
 .venv/bin/python -c 'import os, sys, sysconfig
-sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+sys.exit(not (os.path.exists(headers) or sys.base_prefix != "/usr"))' \
   || tools+=(python3-dev)
 if [ ${#tools[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}"
+  { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "${tools[@]}"; } \
+    || echo "setup: could not install ${tools[*]}: decode runs the eager blocks (slower)" >&2
 fi
 
 .venv/bin/python -m pip install -q --upgrade pip
