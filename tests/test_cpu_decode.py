@@ -7,6 +7,7 @@ fused step does not apply."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,16 @@ def test_a_module_built_ahead_is_imported_as_it_is(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == str(copy)
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path):
+    """torch's builder would wait on it forever; a lock younger than any build is kept."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    cpu_decode._stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - 11 * 60
+    os.utime(lock, (old, old))
+    cpu_decode._stale_lock(tmp_path)
+    assert not lock.exists()
+    cpu_decode._stale_lock(tmp_path)  # none there: nothing to do
