@@ -144,12 +144,10 @@ class DecodeStack:
     down) and their two norms. `step` runs a decode step; it returns None (the caller then runs
     the eager blocks) where a layer's plan changed since the stack was built."""
 
-    def __init__(self, module, layers: Sequence[OWQLinear], norms: Sequence[torch.Tensor],
-                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
-                 head_dim: int, eps: float):  # fmt: skip
-        ops = [operands(layer) for layer in layers]
-        if any(op is None for op in ops):
-            raise ValueError("every projection must take the 4-bit kernel")
+    def __init__(self, module, layers: Sequence[OWQLinear], ops: Sequence[tuple],
+                 norms: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 heads: int, kv_heads: int, head_dim: int, eps: float):  # fmt: skip
+        # ops: each layer's `operands`, none of them None (`build`)
         self.layers = list(layers)
         self.plans = [layer.cpu for layer in layers]
         self.stale = False  # warned once that a plan changed under the stack
@@ -161,13 +159,14 @@ class DecodeStack:
     @classmethod
     def build(cls, layers: Sequence[OWQLinear], *args) -> DecodeStack | None:
         """The stack, or None where the module cannot be built or a layer does not qualify."""
-        if any(operands(layer) is None for layer in layers):
+        ops = [operands(layer) for layer in layers]
+        if any(op is None for op in ops):
             return None
         module = load()
         if module is None:
             return None
         try:
-            return cls(module, layers, *args)
+            return cls(module, layers, ops, *args)
         except (RuntimeError, TypeError) as e:  # a shape the step refuses, an older module
             log.warning("fused CPU decode step refused this model (%s): eager blocks", e)
             return None
