@@ -58,18 +58,27 @@ def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([tokens[row, n] for row, n in enumerate(LENGTHS)])[:, None]
 
 
+def eager_and_fused(rt, tokens, slots, rows=slice(None)):
+    """One decode step of `rows` after their prompts, through the fused step and the eager
+    blocks, each on its own cache: (fused logits, eager logits, fused cache, eager cache)."""
+    fused_cache, eager_cache = prefilled(rt, tokens, slots), prefilled(rt, tokens, slots)
+    row0 = rows.start or 0
+    fused = decode(rt, fused_cache, next_tokens(tokens)[rows], slots[rows], row0=row0)
+    rt.fused, stack = None, rt.fused
+    try:
+        eager = decode(rt, eager_cache, next_tokens(tokens)[rows], slots[rows], row0=row0)
+    finally:
+        rt.fused = stack
+    return fused, eager, fused_cache, eager_cache
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("group_size,bits", [(-1, 3), (32, 4)])
 def test_fused_step_equals_the_eager_blocks(kind, group_size, bits):
     rt, tokens = setup(kind, group_size, bits)
     assert rt.fused is not None, "the fused step must build here (a C++ compiler and ninja)"
     slots = torch.tensor([0, 1, 2, 1])
-    fused_cache = prefilled(rt, tokens, slots)
-    eager_cache = prefilled(rt, tokens, slots)
-    fused = decode(rt, fused_cache, next_tokens(tokens), slots)
-    rt.fused, stack = None, rt.fused
-    eager = decode(rt, eager_cache, next_tokens(tokens), slots)
-    rt.fused = stack
+    fused, eager, fused_cache, eager_cache = eager_and_fused(rt, tokens, slots)
     # bf16 activations into the 4-bit kernel: an fp32 difference in the last bit may round one
     # input to the next bf16 (2^-8 relative); two blocks keep that far under 2e-3 of the
     # logits. Rows on adapters: the eager bag rounds their weak sums to fp16, the fused step
@@ -90,26 +99,12 @@ def test_fused_step_equals_the_eager_blocks(kind, group_size, bits):
             torch.testing.assert_close(a[1:], b[1:], rtol=0, atol=2e-2 * top)
 
 
-def eager_and_fused(rt, tokens, slots, rows=slice(None)):
-    """One decode step of `rows` after their prompts, through the fused step and the eager
-    blocks, each on its own cache."""
-    fused = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens)[rows], slots[rows],
-                   row0=rows.start or 0)  # fmt: skip
-    rt.fused, stack = None, rt.fused
-    try:
-        eager = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens)[rows], slots[rows],
-                       row0=rows.start or 0)  # fmt: skip
-    finally:
-        rt.fused = stack
-    return fused, eager
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_fp32_tables_agree_on_every_row(kind):
     """With fp32 slot tables neither path rounds a weak sum: rows on adapters agree as tightly as
     rows on the base (2e-3 of the logits, against 2e-2 on fp16 tables)."""
     rt, tokens = setup(kind, -1, 3, table_dtype=torch.float32)
-    fused, eager = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]))
+    fused, eager, *_ = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]))
     torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
 
 
@@ -118,7 +113,7 @@ def test_a_lone_row_equals_the_eager_blocks(row):
     """One row decoding alone: the eager blocks take their slice write and no mask there."""
     rt, tokens = setup("llama", -1, 3, table_dtype=torch.float32)
     one = slice(row, row + 1)
-    fused, eager = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]), one)
+    fused, eager, *_ = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]), one)
     torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
 
 
