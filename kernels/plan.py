@@ -1,13 +1,15 @@
-"""Weak-column plans: which input columns of each quantized linear stay fp16, and the fingerprint.
+"""Weak-column plans: which weights of a base stay fp16, and the base fingerprint.
 
-A plan lists every quantized linear of a base's blocks (not the vocabulary tables, which adapters
-never touch): its name, shape (in, out) and the sorted indices of its weak columns (empty when
-k = 0). It is read from a loaded model (`OWQLinear.outlier_idx`),
-from a checkpoint's tensors (no model is built) or from a plan file (a small JSON), and all three
-give the same plan. The base fingerprint is a hash of the plan's layers with k > 0 (name, shape,
-indices): adapters store it and are refused on a base with another one, so a base re-quantized
-with the same plan (`owq quantize --weak-columns-from`) keeps its adapters. Knows the checkpoint
-files and `OWQLinear`'s tensor names; nothing about how the columns were chosen.
+A plan lists every quantized linear of a base's blocks: its name, shape (in, out) and the sorted
+indices of its weak columns (empty when k = 0). It also lists the protected rows of each
+quantized vocabulary table (name, row count, sorted row indices), so that a re-quantized base
+keeps every fp16 choice of the old one. It is read from a loaded model (`OWQLinear.outlier_idx`,
+`OWQVocab.protected_idx`), from a checkpoint's tensors (no model is built) or from a plan file (a
+small JSON), and all three give the same plan. The base fingerprint is a hash of the layers with
+k > 0 (name, shape, indices), not of the tables, which adapters never touch: adapters store it
+and are refused on a base with another one, so a base re-quantized with the same plan
+(`owq quantize --weak-columns-from`) keeps its adapters. Knows the checkpoint files and the
+layers' tensor names; nothing about how the columns or rows were chosen.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ class LayerPlan:
                 "weak_idx": list(self.weak_idx)}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class TablePlan:
+    """The protected (fp16) rows of a quantized vocabulary table [rows, D]."""
+
+    name: str
+    rows: int
+    protected_idx: tuple[int, ...]  # sorted, unique, each in [0, rows)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "rows": self.rows, "protected_idx": list(self.protected_idx)}
+
+
 def _natural_key(name: str) -> tuple:
     """'model.layers.2.x' before 'model.layers.10.x'."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
@@ -61,10 +75,15 @@ def _natural_key(name: str) -> tuple:
 @dataclass(frozen=True)
 class WeakColumnPlan:
     layers: tuple[LayerPlan, ...]  # in natural name order
+    tables: tuple[TablePlan, ...] = ()  # vocabulary tables with protected rows, by name
 
     @classmethod
-    def of(cls, layers) -> WeakColumnPlan:
-        return cls(tuple(sorted(layers, key=lambda layer: _natural_key(layer.name))))
+    def of(cls, layers, tables=()) -> WeakColumnPlan:
+        key = lambda entry: _natural_key(entry.name)  # noqa: E731
+        return cls(tuple(sorted(layers, key=key)), tuple(sorted(tables, key=key)))
+
+    def table(self, name: str) -> TablePlan | None:
+        return next((t for t in self.tables if t.name == name), None)
 
     @property
     def fingerprint(self) -> str:
@@ -97,6 +116,21 @@ class WeakColumnPlan:
         if extra:
             raise PlanError(f"the plan does not fit this model: it has no layer {extra[0]}")
 
+    def check_tables(self, rows: dict[str, int]) -> None:
+        """PlanError if a table with protected rows is not among `rows` (name -> vocabulary
+        size of the tables this model quantizes) or has another size."""
+        for table in self.tables:
+            if table.name not in rows:
+                raise PlanError(
+                    f"the plan protects rows of {table.name}, which this run does not quantize "
+                    "(a tied table is stored once, under the head)"
+                )
+            if rows[table.name] != table.rows:
+                raise PlanError(
+                    f"the plan does not fit this model: table {table.name} has "
+                    f"{rows[table.name]} rows here, {table.rows} in the plan"
+                )
+
 
 def _checked_layer(entry, where: str) -> LayerPlan:
     try:
@@ -111,23 +145,46 @@ def _checked_layer(entry, where: str) -> LayerPlan:
     return layer
 
 
+def _checked_table(entry, where: str) -> TablePlan:
+    try:
+        table = TablePlan(
+            str(entry["name"]), int(entry["rows"]), tuple(int(i) for i in entry["protected_idx"])
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise PlanError(f"{where}: a table needs name, rows and protected_idx ({e!r})") from None
+    if problem := index_problem(torch.tensor(table.protected_idx, dtype=torch.long), table.rows):
+        raise PlanError(f"{where}: table {table.name}: protected_idx {problem}")
+    return table
+
+
 def plan_of_model(model: nn.Module) -> WeakColumnPlan:
-    """The plan of a model whose quantized linears are OWQLinear (vocabulary tables excluded)."""
-    return WeakColumnPlan.of(
-        LayerPlan(name, m.in_features, m.out_features, tuple(m.outlier_idx.tolist()))
-        for name, m in model.named_modules()
-        if isinstance(m, OWQLinear) and not isinstance(m, OWQVocab)
-    )
+    """The plan of a model whose quantized linears are OWQLinear (and tables OWQVocab)."""
+    layers, tables = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, OWQVocab):
+            if m.num_protected:
+                tables.append(TablePlan(name, m.out_features, tuple(m.protected_idx.tolist())))
+        elif isinstance(m, OWQLinear):
+            layers.append(
+                LayerPlan(name, m.in_features, m.out_features, tuple(m.outlier_idx.tolist()))
+            )
+    return WeakColumnPlan.of(layers, tables)
 
 
 def _stored_plan(names, shape_of, idx_of, family) -> WeakColumnPlan:
-    """The plan from stored tensors: `shape_of(key)` their shapes, `idx_of(name)` the indices."""
-    layers = []
-    for name in (n for n in names if n.startswith(family.blocks + ".")):
+    """The plan from stored tensors: `shape_of(key)` their shapes (None when absent),
+    `idx_of(key)` an index tensor's values."""
+    layers, tables = [], []
+    for name in names:
         parts = (torch.empty(shape_of(f"{name}.{p}"), device="meta") for p in PACKED_PARTS)
         in_f, out_f, _, _ = stored_layout(*parts)
-        layers.append(LayerPlan(name, in_f, out_f, tuple(idx_of(name))))
-    return WeakColumnPlan.of(layers)
+        if name.startswith(family.blocks + "."):
+            key = f"{name}.outlier_idx"
+            weak = idx_of(key) if shape_of(key) is not None else []
+            layers.append(LayerPlan(name, in_f, out_f, tuple(weak)))
+        elif shape_of(f"{name}.protected_idx") not in (None, (0,)):  # a table's protected rows
+            tables.append(TablePlan(name, out_f, tuple(idx_of(f"{name}.protected_idx"))))
+    return WeakColumnPlan.of(layers, tables)
 
 
 def _quantized_names(keys) -> list[str]:
@@ -135,14 +192,13 @@ def _quantized_names(keys) -> list[str]:
 
 
 def plan_of_tensors(tensors: dict[str, torch.Tensor], family: Family) -> WeakColumnPlan:
-    """The plan of a checkpoint's loaded tensors (the linears of the blocks)."""
+    """The plan of a checkpoint's loaded tensors."""
 
-    def idx_of(name: str) -> list[int]:
-        idx = tensors.get(f"{name}.outlier_idx")
-        return [] if idx is None else idx.tolist()
+    def shape_of(key: str):
+        return tuple(tensors[key].shape) if key in tensors else None
 
-    names = _quantized_names(tensors)
-    return _stored_plan(names, lambda key: tensors[key].shape, idx_of, family)
+    idx_of = lambda key: tensors[key].tolist()  # noqa: E731
+    return _stored_plan(_quantized_names(tensors), shape_of, idx_of, family)
 
 
 def plan_of_checkpoint(path: str | os.PathLike) -> WeakColumnPlan:
@@ -160,11 +216,10 @@ def plan_of_checkpoint(path: str | os.PathLike) -> WeakColumnPlan:
         with safe_open(str(weights), "pt") as f:
             keys = set(f.keys())
 
-            def idx_of(name: str) -> list[int]:
-                key = f"{name}.outlier_idx"
-                return f.get_tensor(key).tolist() if key in keys else []
+            def shape_of(key: str):
+                return tuple(f.get_slice(key).get_shape()) if key in keys else None
 
-            shape_of = lambda key: f.get_slice(key).get_shape()  # noqa: E731
+            idx_of = lambda key: f.get_tensor(key).tolist()  # noqa: E731
             return _stored_plan(_quantized_names(keys), shape_of, idx_of, family)
     except Exception as e:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"{weights} cannot be read: {e}") from None
@@ -181,7 +236,9 @@ def read_plan_file(path: str | os.PathLike) -> WeakColumnPlan:
         raise PlanError(f'{path} is not a weak-column plan (no "format": "{PLAN_FORMAT}")')
     if data.get("version") != PLAN_VERSION:
         raise PlanError(f"{path}: unknown plan version {data.get('version')!r}")
-    plan = WeakColumnPlan.of(_checked_layer(e, str(path)) for e in data.get("layers", []))
+    layers = (_checked_layer(e, str(path)) for e in data.get("layers", []))
+    tables = (_checked_table(e, str(path)) for e in data.get("tables", []))
+    plan = WeakColumnPlan.of(layers, tables)
     if data.get("fingerprint") not in (None, plan.fingerprint):
         raise PlanError(
             f"{path}: recorded fingerprint {data['fingerprint']} but the layers hash to "
@@ -207,8 +264,12 @@ def write_plan(plan: WeakColumnPlan, path: str | os.PathLike) -> Path:
     lines = [json.dumps(layer.to_dict()) for layer in plan.layers]
     text = (
         f'{{"format": "{PLAN_FORMAT}", "version": {PLAN_VERSION}, '
-        f'"fingerprint": "{plan.fingerprint}", "layers": [\n  ' + ",\n  ".join(lines) + "\n]}\n"
+        f'"fingerprint": "{plan.fingerprint}", "layers": [\n  ' + ",\n  ".join(lines) + "\n]"
     )
+    if plan.tables:  # absent without protected rows: such files are as they always were
+        tables = [json.dumps(table.to_dict()) for table in plan.tables]
+        text += ', "tables": [\n  ' + ",\n  ".join(tables) + "\n]"
+    text += "}\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # opened as usual: umask modes
     try:
         tmp.write_text(text)

@@ -61,6 +61,22 @@ def _weak_columns(
     return WeakColumnChoice(counts, given)
 
 
+def _plan_rows(lm: nn.Module, family: Family, settings: QuantizeSettings, plan):
+    """The protected rows a plan gives each vocabulary table this run quantizes (PlanError if
+    they do not fit; --head-protect must then be 0: the plan chose them), or None."""
+    if plan is None or not plan.tables or settings.head_bits == 16:
+        if plan is not None and plan.tables:
+            log.info("the plan's protected rows are not used: the vocabulary table stays fp16")
+        return None
+    if settings.head_protect:
+        raise ValueError("the plan gives the protected rows of the vocabulary table: drop "
+                         "--head-protect")  # fmt: skip
+    head, embed = lm.get_submodule(family.head), lm.get_submodule(family.embed)
+    tables = [family.head] + ([] if head.weight is embed.weight else [family.embed])
+    plan.check_tables({path: lm.get_submodule(path).weight.shape[0] for path in tables})
+    return {t.name: torch.tensor(t.protected_idx, dtype=torch.long) for t in plan.tables}
+
+
 def _load(model, tokenizer):
     if isinstance(model, nn.Module):
         return model.eval(), tokenizer, type(model).__name__
@@ -129,6 +145,7 @@ def quantize(
     check_groups(shapes, settings.groupsize)
     if plan is not None:  # PlanError (one line) before any calibration work
         plan.check_fits({s.name: (s.in_features, s.out_features) for s in shapes})
+    given = _plan_rows(lm, family, settings, plan)
     seconds["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     with torch.inference_mode():
@@ -152,7 +169,7 @@ def quantize(
             fisher = whole.row_fisher if whole is not None else None
             stats = head_stats(lm, family, inputs.hidden, windows, fisher)
         del inputs
-        vocab = quantize_vocab(lm, family, settings, stats, whole and whole.head_rows)
+        vocab = quantize_vocab(lm, family, settings, stats, whole and whole.head_rows, given)
     seconds["quantize"] = time.perf_counter() - t
     report = build_report(
         settings.to_dict(), name, records, seconds,

@@ -2,7 +2,8 @@
 
 A plan file (a few KB) lets `owq quantize --weak-columns-from PLAN.json` re-quantize a base (more
 calibration data, another group size, a newer owq) with the same weak columns, so every adapter
-tuned on the old base fits the new one. Reads the checkpoint's tensors only; builds no model.
+tuned on the old base fits the new one, and the same protected vocabulary rows (used with
+--head-bits). Reads the checkpoint's tensors only; builds no model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def run_export(args) -> int:
     weak = [layer for layer in plan.layers if layer.k]
     print(
         f"wrote {args.out}: {len(plan.layers)} layers, {len(weak)} with weak columns "
-        f"({sum(layer.k for layer in weak)} in all), fingerprint {plan.fingerprint}"
+        f"({sum(layer.k for layer in weak)} in all), "
+        f"{sum(len(t.protected_idx) for t in plan.tables)} protected vocabulary rows, "
+        f"fingerprint {plan.fingerprint}"
     )
     return 0

@@ -53,7 +53,8 @@ def add_parser(sub) -> None:
         metavar="CKPT|PLAN.json",
         default=None,
         help="OWQ: the weak columns of every layer from another checkpoint or a plan file "
-        "(`owq plan export`), so adapters tuned on that base fit this one",
+        "(`owq plan export`), so adapters tuned on that base fit this one; with --head-bits, "
+        "also the protected vocabulary rows it lists",
     )
     p.add_argument(
         "--allocation",

@@ -90,14 +90,15 @@ def _as_vocab(cls, res, s: QuantizeSettings) -> OWQVocab:
     )
 
 
-def _quantize_head(W, stats: HeadStats, settings: QuantizeSettings, rows: int):
-    """(table, relative output error) of the head with `rows` protected rows."""
+def _quantize_head(W, stats: HeadStats, settings: QuantizeSettings, rows: int, given=None):
+    """(table, relative output error) of the head with `rows` protected rows, or the rows
+    `given` (a plan's)."""
     s, H = settings.for_head(), stats.hessian
-    lam = torch.diag(H)
-    score = row_saliency(W, lam, s, stats.counts)
-    if stats.fisher is not None and s.head_protect_by == "error":
-        score = score * stats.fisher  # the loss-unit score the whole budget was planned with
-    protected = top_rows(score, rows)
+    if given is None:
+        score = row_saliency(W, torch.diag(H), s, stats.counts)
+        if stats.fisher is not None and s.head_protect_by == "error":
+            score = score * stats.fisher  # the loss-unit score the whole budget was planned with
+    protected = top_rows(score, rows) if given is None else given
     found = {}
 
     def quantize(rows: torch.Tensor) -> OWQVocab:
@@ -108,9 +109,9 @@ def _quantize_head(W, stats: HeadStats, settings: QuantizeSettings, rows: int):
     return table, found["res"].rel_error
 
 
-def _quantize_embedding(W, settings: QuantizeSettings, counts, rows: int) -> OWQEmbedding:
+def _quantize_embedding(W, settings: QuantizeSettings, counts, rows: int, given=None):
     s = settings.for_head()
-    protected = top_rows(counts, rows)
+    protected = top_rows(counts, rows) if given is None else given
     return OWQEmbedding.from_rows(lambda r: _as_vocab(OWQEmbedding, rtn_linear(r, s), s), W,
                                   protected)  # fmt: skip
 
@@ -146,9 +147,11 @@ def quantize_vocab(
     settings: QuantizeSettings,
     stats: HeadStats | None,
     rows: int | None = None,
+    given: dict[str, torch.Tensor] | None = None,
 ) -> VocabRecord | None:
     """Swap the model's head (and embedding) for quantized tables, in place; None at 16 bits.
-    `rows` protected rows per table (default: the `--head-protect` fraction of the vocabulary)."""
+    `rows` protected rows per table (default: the `--head-protect` fraction of the vocabulary);
+    `given`: table path -> the protected rows to keep (a plan's), instead of choosing them."""
     if settings.head_bits == 16:
         return None
     if stats is None:
@@ -158,13 +161,16 @@ def quantize_vocab(
     tied = head.weight is embed.weight
     W = linear_weight(head).to(torch.float32)
     rows = round(settings.head_protect * W.shape[0]) if rows is None else rows
+    given = given or {}
     with single_thread():
-        table, rel = _quantize_head(W, stats, settings, rows)
+        table, rel = _quantize_head(W, stats, settings, rows, given.get(family.head))
         set_module(model, family.head, table)
         if tied:
             set_module(model, family.embed, TiedEmbedding(table))
         else:
-            embedding = _quantize_embedding(embed.weight.float(), settings, stats.counts, rows)
+            embedding = _quantize_embedding(
+                embed.weight.float(), settings, stats.counts, rows, given.get(family.embed)
+            )
             set_module(model, family.embed, embedding)
     seconds = time.perf_counter() - start
     log.info(
