@@ -58,16 +58,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_quantized_model(
-    kind: str = "llama", seed: int = 0, group_size: int = GROUP, bits: int = BITS
+    kind: str = "llama", seed: int = 0, group_size: int = GROUP, bits: int = BITS, weak=None
 ):
-    """A tiny random model (128-token vocab, EOS = 0) with every linear an RTN OWQLinear."""
+    """A tiny random model (128-token vocab, EOS = 0) with every linear an RTN OWQLinear, with
+    `weak` weak columns (`tiny_models.rtn_swap`; default WEAK in every layer)."""
     config = tiny_config(kind)
     config.vocab_size = VOCAB
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
     config.initializer_range = config.init_std = INIT_STD  # peaked logits: outputs that differ
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
-    return rtn_swap(model, bits, group_size, WEAK, seed=seed)
+    return rtn_swap(model, bits, group_size, WEAK if weak is None else weak, seed=seed)
 
 
 def random_adapter(model, name: str, seed: int, scale: float = 2.0) -> Adapter:

@@ -37,8 +37,8 @@ def decode(rt, cache: KVCache, tokens: torch.Tensor, slots, row0: int = 0) -> to
         return rt(tokens, step, cache, slots, "last")
 
 
-def setup(kind: str, group_size: int, bits: int, table_dtype=None):
-    model = tiny_quantized_model(kind, group_size=group_size, bits=bits)
+def setup(kind: str, group_size: int, bits: int, table_dtype=None, weak=None):
+    model = tiny_quantized_model(kind, group_size=group_size, bits=bits, weak=weak)
     adapters = [random_adapter(model, f"a{i}", seed=i) for i in (1, 2)]
     if table_dtype is None:
         rt = runtime_of(model, 64, adapters)
@@ -104,6 +104,21 @@ def test_fp32_tables_agree_on_every_row(kind):
     """With fp32 slot tables neither path rounds a weak sum: rows on adapters agree as tightly as
     rows on the base (2e-3 of the logits, against 2e-2 on fp16 tables)."""
     rt, tokens = setup(kind, -1, 3, table_dtype=torch.float32)
+    fused, eager, *_ = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]))
+    torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
+
+
+def uneven(i: int) -> int:
+    """k of linear i (model order, 7 per block) as a global allocation leaves it: none in the
+    first block's q/k/v (a fused layer without weak columns), else 0 to 9, unlike neighbours."""
+    return 0 if i < 3 else (0, 5, 0, 2, 9, 1)[i % 6]
+
+
+def test_uneven_weak_columns_agree_on_every_row():
+    rt, tokens = setup("llama", -1, 3, table_dtype=torch.float32, weak=uneven)
+    ks = [len(p.rows) for b in rt.blocks for f in (b.qkv, b.gate_up, b.o, b.down) for p in f.parts]
+    assert 0 in ks and len(set(ks)) >= 4 and rt.blocks[0].qkv.num_weak == 0, ks
+    assert rt.fused is not None
     fused, eager, *_ = eager_and_fused(rt, tokens, torch.tensor([0, 1, 2, 1]))
     torch.testing.assert_close(fused, eager, rtol=0, atol=2e-3 * float(eager.abs().max()))
 

@@ -75,14 +75,15 @@ def tiny_model(kind: str, seed: int = 0):
     return model.eval()
 
 
-def rtn_swap(model, bits: int = 4, group_size: int = -1, weak: int = 0, seed: int = 0):
-    """Replace every quantizable linear with an RTN OWQLinear with `weak` random weak columns."""
+def rtn_swap(model, bits: int = 4, group_size: int = -1, weak=0, seed: int = 0):
+    """Replace every quantizable linear with an RTN OWQLinear with `weak` random weak columns
+    (an int, or a function of the layer's index in model order, for uneven k)."""
     gen = torch.Generator().manual_seed(seed)
     family = family_of(model.config)
-    for path in quantized_linear_paths(model, family):
+    for i, path in enumerate(quantized_linear_paths(model, family)):
         module = model.get_submodule(path)
         weight = linear_weight(module)
-        idx = torch.randperm(weight.shape[1], generator=gen)[:weak]
+        idx = torch.randperm(weight.shape[1], generator=gen)[: weak(i) if callable(weak) else weak]
         bias = module.bias.data if module.bias is not None else None
         set_module(model, path, OWQLinear.from_float(weight, bits, group_size, idx, bias))
     return model
