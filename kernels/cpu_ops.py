@@ -40,6 +40,8 @@ from .packing import column_chunks, unpack_codes, unpack_zeros
 from .types import PackedWeight, WeakColumns
 
 log = logging.getLogger(__name__)
+# rows per GEMM of a row-invariant product (`add_base_columns`): a fixed shape, any M
+ROW_BLOCK = 8
 
 INT4_OP = "_weight_int4pack_mm_for_cpu"
 INT4_GROUPS = (256, 128, 64, 32)  # group sizes the 4-bit kernel takes
@@ -249,19 +251,28 @@ class _StepRows:
 
 
 def add_base_columns(
-    y: torch.Tensor, x: torch.Tensor, weak: WeakColumns, table0: torch.Tensor, lone_as_two: bool
+    y: torch.Tensor, x: torch.Tensor, weak: WeakColumns, table0: torch.Tensor, row_invariant: bool
 ) -> None:
-    """y [M, out] += x[:, idx] [M, k] @ slot 0 (`table0`, in x's dtype), in place: one gather,
-    one GEMM. `lone_as_two` (packed steps): a row's bits the same at any M. MKL's GEMM gives a
-    row the same bits at every M >= 2, but M = 1 takes a GEMV whose sums run in another order
-    (which turned a seeded request's tokens beside others), so a lone row runs as two. Measured
-    on this build; the seeded-tokens test on the default model pins it."""
+    """y [M, out] += x[:, idx] [M, k] @ slot 0 (`table0`, in x's dtype): one gather, one GEMM
+    (not `addmm_`, whose sums into y round otherwise on some CPUs).
+
+    `row_invariant` (packed steps): a row's bits the same at any M, beside any rows. MKL's GEMM
+    sums a row in an order that depends on M: on an AVX2 EPYC, 7 of the M in 2..16 give the
+    rows of M = 16 (on an AVX-512 Xeon, all M >= 2; M = 1 takes a GEMV there, which turned a
+    seeded request's tokens beside others). At a fixed M it does not depend on the row's place
+    or its neighbours, so such rows run as a batch of GEMMs of ROW_BLOCK rows each (the last
+    zero-padded). Measured on both CPUs; the packed-step tests pin it."""
     idx = weak.idx if weak.idx.dtype == torch.long else weak.idx.long()
     xk = x.index_select(1, idx)
-    if lone_as_two and xk.shape[0] == 1:
-        y.add_((xk.expand(2, -1) @ table0)[:1])
-    else:
-        y.addmm_(xk, table0)
+    if not row_invariant:  # as `weak_product` on one slot: rows on slot 0 equal no slots
+        y.add_(xk @ table0)
+        return
+    m = xk.shape[0]
+    if m % ROW_BLOCK:
+        xk = torch.cat([xk, xk.new_zeros(-m % ROW_BLOCK, xk.shape[1])])
+    blocks = xk.view(-1, ROW_BLOCK, xk.shape[1])
+    product = torch.bmm(blocks, table0.expand(blocks.shape[0], -1, -1))
+    y.add_(product.view(-1, table0.shape[1])[:m])
 
 
 def weak_product(x: torch.Tensor, weak: WeakColumns, slots: torch.Tensor) -> torch.Tensor:
@@ -305,7 +316,7 @@ def _add_packed(
     out.index_add_(0, step.adapters, part.to(y.dtype))
     on_base = rows.index_select(0, step.base).reshape(-1, rows.shape[-1])
     base = out.new_zeros(on_base.shape[0], out.shape[-1])
-    add_base_columns(base, on_base, weak, p.table0(weak), lone_as_two=True)
+    add_base_columns(base, on_base, weak, p.table0(weak), row_invariant=True)
     out.index_add_(0, step.base, base.view(-1, t, out.shape[-1]))
     return y
 
@@ -335,7 +346,7 @@ def linear(
         slots = None  # every row on the base
     if slots is None:  # every row on the base's columns
         x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        add_base_columns(y2, x2, weak, p.table0(weak), lone_as_two=packed)
+        add_base_columns(y2, x2, weak, p.table0(weak), row_invariant=packed)
         return y
     rows = x.reshape(x.shape[0], -1, x.shape[-1])
     return y.add_(weak_product(rows, weak, slots).view(y.shape))

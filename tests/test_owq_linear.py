@@ -178,7 +178,7 @@ def test_packed_steps_give_a_row_the_numbers_it_gets_alone(slots):
             want = part[row] + weak_bag(xr, weak, one)[0]
         else:
             want = part[row].clone()
-            add_base_columns(want, xr[:, 0], weak, layer.weak_table[0].float(), lone_as_two=True)
+            add_base_columns(want, xr[:, 0], weak, layer.weak_table[0].float(), row_invariant=True)
         assert torch.equal(got[row], want)
         assert torch.equal(got[row], layer(xr, one, fast=True)[0])
         assert torch.equal(got[row], layer(xr, None if slot == 0 else one, fast=True)[0])
