@@ -164,7 +164,8 @@ def _train(method: str, model, tokenizer, s: Settings, files: dict, task: str, o
         save_adapter(adapter, out, overwrite=True)
         params = adapter.config["trainable_params"]
         ks = sorted({t.shape[0] for t in adapter.columns.values()})
-        info = {"adapter_bytes": _dir_bytes(out), "rank_or_k": "k=" + ",".join(map(str, ks))}
+        k = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"  # uneven k: its range
+        info = {"adapter_bytes": _dir_bytes(out), "rank_or_k": f"k={k}"}
         return {"trainable_params": params, **info, "train": result.summary()}
     rank = rank_for_budget(model, _wct_budget(s.base))
     peft_model = wrap_lora(model, rank, seed=s.seed)

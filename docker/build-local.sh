@@ -22,7 +22,7 @@ Steps, in this order by default: tools base build run compose
 
 Environment (defaults in brackets):
   OWQ_DOCKER_WORK   work dir: rootfs, torch index, logs     [/var/tmp/owq-docker]
-  OWQ_CHECKPOINT    checkpoint dir to mount      [$OWQ_CACHE/default-owq3-k8-h4 or ~/.cache/owq/...]
+  OWQ_CHECKPOINT    checkpoint dir to mount      [$OWQ_CACHE/default-owq3-global-h4 or ~/.cache/owq/...]
   OWQ_ADAPTERS      adapters dir to mount                   [examples/adapters]
   OWQ_ADAPTER       adapter for the adapter request         [austen-novel-id]
   OWQ_PORT          port of the test container / compose    [18000]
@@ -67,7 +67,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 default_checkpoint() {
   local cache=${OWQ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/owq}
-  printf '%s\n' "$cache/default-owq3-k8-h4"
+  printf '%s\n' "$cache/default-owq3-global-h4"
 }
 CHECKPOINT=${OWQ_CHECKPOINT:-$(default_checkpoint)}
 

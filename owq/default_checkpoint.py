@@ -1,11 +1,12 @@
-"""The built-in default checkpoint: the default model quantized once (OWQ 3-bit, k = 8, 4-bit
-vocabulary table) and cached.
+"""The built-in default checkpoint: the default model quantized once (OWQ 3-bit linears, 4-bit
+vocabulary table, fp16 weak columns and rows from one whole-file budget) and cached.
 
 `owq serve` with no CKPT calls `default_checkpoint()`: it returns the cached checkpoint dir,
 quantizing the default model into it first if it is not there, or is damaged (truncated, checksum
-mismatch) or was made with other weak columns. The weak columns come from the committed plan
-(`owq/builtin/default_plan.json`), so the default's fingerprint, and with it the fit of the
-shipped adapters, is the same on every machine and owq version. This glue lives in the common
+mismatch) or was made with other weak columns, protected rows or settings. The weak columns and
+the protected rows come from the committed plan (`owq/builtin/default_plan.json`), so the
+default's fingerprint, and with it the fit of the shipped adapters, is the same on every machine
+and owq version. This glue lives in the common
 `owq` package because the server must not import the quantizer; it names the quantizer API
 `owq.quantizer.api.quantize` and imports it only when a checkpoint has to be made.
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "default-owq3-k8-h4"
+CHECKPOINT_NAME = "default-owq3-global-h4"
 # The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields): the
-# linears at 3 bits with the weak columns (k = 8 per layer) of the built-in plan, the tied
-# vocabulary table at 4 bits in groups of 32 with its 1% most frequent tokens' rows in fp16
-# (BENCHMARKS.md, whole-model low bits: within 3% of the fp16 table, 0.6x the GGUF's bytes).
+# linears at 3 bits and the tied vocabulary table at 4 bits in groups of 32. The built-in plan
+# gives the fp16 weak columns of every linear and the table's protected rows: the choice of
+# `--budget whole --allocation global` at 3.45 bits per weight for the whole file, which ranks
+# them all by measured benefit per byte (BENCHMARKS.md, whole-model low bits: 0.59x the GGUF's
+# bytes, and better perplexity than the fp16 table at 5.8 bits).
 DEFAULT_SETTINGS = {
     "method": "owq",
     "wbits": 3,
@@ -32,17 +35,15 @@ DEFAULT_SETTINGS = {
     "seed": 0,
     "head_bits": 4,
     "head_groupsize": 32,
-    "head_protect": 0.01,
-    "head_protect_by": "frequency",
 }
 # quantization_config entries a cached default must carry to be this default
 RECORDED = {
     "head_bits": DEFAULT_SETTINGS["head_bits"],
     "head_group_size": DEFAULT_SETTINGS["head_groupsize"],
-    "head_protect": DEFAULT_SETTINGS["head_protect"],
+    "head_protect": 0.0,  # the rows are the plan's
 }
 # Measured: the first `owq serve` on a fresh cache, 2 CPU cores (BENCHMARKS.md, first run).
-FIRST_RUN_MINUTES_2_CORES = 4  # idle cores; ~16 on cores shared with other jobs
+FIRST_RUN_MINUTES_2_CORES = 9  # idle cores (4-9 by the CPU); more on cores shared with other jobs
 
 
 def cache_dir() -> Path:
@@ -77,11 +78,12 @@ def default_plan():
     return read_plan_file(default_plan_path())
 
 
-def checkpoint_problem(path: Path, fingerprint: str | None = None) -> str | None:
+def checkpoint_problem(path: Path, plan=None) -> str | None:
     """Why the checkpoint dir `path` cannot be used (missing, damaged, another plan), or None.
 
-    Verifies the weights against the checksum in config.json; `fingerprint`: the base
-    fingerprint it must have."""
+    Verifies the weights against the checksum in config.json; `plan`: the weak-column plan
+    (`kernels.plan.WeakColumnPlan`) it must have been made with, weak columns and protected rows,
+    and then the default's settings too."""
     from owq.kernels.checkpoint import WEIGHTS_NAME, CheckpointError, file_sha256, read_quant_config
     from owq.kernels.plan import plan_of_checkpoint
 
@@ -95,12 +97,19 @@ def checkpoint_problem(path: Path, fingerprint: str | None = None) -> str | None
             return f"incomplete ({WEIGHTS_NAME} is missing)"
         if expected and file_sha256(weights) != expected:
             return f"damaged ({WEIGHTS_NAME} does not match its checksum: truncated or modified)"
-        theirs = plan_of_checkpoint(path).fingerprint
+        theirs = plan_of_checkpoint(path)
     except CheckpointError as e:
         return f"unreadable ({e})"
-    if fingerprint is not None and theirs != fingerprint:
-        return f"made with other weak columns (base {theirs}, the built-in plan is {fingerprint})"
-    if fingerprint is not None and any(recorded.get(k) != v for k, v in RECORDED.items()):
+    if plan is None:
+        return None
+    if theirs.fingerprint != plan.fingerprint:
+        return (
+            f"made with other weak columns (base {theirs.fingerprint}, the built-in plan is "
+            f"{plan.fingerprint})"
+        )
+    if theirs.tables != plan.tables:
+        return "made with other protected vocabulary rows (an older default)"
+    if any(recorded.get(k) != v for k, v in RECORDED.items()):
         return "made with other settings (an older default)"
     return None
 
@@ -109,18 +118,18 @@ def default_checkpoint() -> Path:
     """The cached default checkpoint dir, made (again) when it is missing, damaged or stale."""
     out = default_checkpoint_path()
     plan = default_plan()
-    if checkpoint_problem(out, plan.fingerprint) is None:
+    if checkpoint_problem(out, plan) is None:
         return out
     with _lock(out.with_name(out.name + ".lock")):
-        problem = checkpoint_problem(out, plan.fingerprint)  # another process may have made it
+        problem = checkpoint_problem(out, plan)  # another process may have made it
         if problem is None:
             return out
         if problem != "missing":
             log.warning("the cached default %s is %s: quantizing it again", out, problem)
         log.info(
-            "quantizing the default model once into %s (OWQ 3-bit, k = 8 from the built-in plan "
-            "%s, 4-bit vocabulary table): about %d minutes on 2 CPU cores (this machine has %d); "
-            "progress below",
+            "quantizing the default model once into %s (OWQ 3-bit, 4-bit vocabulary table, weak "
+            "columns and protected rows from the built-in plan %s): about %d minutes on 2 CPU "
+            "cores (this machine has %d); progress below",
             out, plan.fingerprint, FIRST_RUN_MINUTES_2_CORES, os.cpu_count() or 1,
         )  # fmt: skip
         _quantize_default(out, plan)

@@ -19,6 +19,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from owq.kernels.plan import WeakColumnPlan
 
 EXAMPLES = """examples:
   owq doctor                      # everything, with a smoke generation on the cached default
@@ -123,7 +127,7 @@ def builtin_assets() -> list[Finding]:
     return findings
 
 
-def builtin_plan() -> tuple[list[Finding], str | None]:
+def builtin_plan() -> tuple[list[Finding], WeakColumnPlan | None]:
     from owq.default_checkpoint import default_plan
 
     try:
@@ -131,12 +135,16 @@ def builtin_plan() -> tuple[list[Finding], str | None]:
     except (OSError, ValueError) as e:
         return [Finding("built-in plan", "FAIL", str(e))], None
     weak = sum(1 for layer in plan.layers if layer.k)
-    detail = f"{len(plan.layers)} layers, {weak} with weak columns, fingerprint {plan.fingerprint}"
-    return [Finding("built-in plan", "ok", detail)], plan.fingerprint
+    rows = sum(len(t.protected_idx) for t in plan.tables)
+    detail = (
+        f"{len(plan.layers)} layers, {weak} with weak columns, {rows} protected vocabulary rows, "
+        f"fingerprint {plan.fingerprint}"
+    )
+    return [Finding("built-in plan", "ok", detail)], plan
 
 
 # cache and adapters -----------------------------------------------------------------------------
-def cache(default_fingerprint: str | None) -> tuple[list[Finding], dict[str, str]]:
+def cache(default_plan: WeakColumnPlan | None) -> tuple[list[Finding], dict[str, str]]:
     """Findings on the cache dir, and {checkpoint name: fingerprint} of its usable checkpoints."""
     from owq.default_checkpoint import CHECKPOINT_NAME, cache_dir, checkpoint_problem
     from owq.kernels.checkpoint import WEIGHTS_NAME
@@ -145,7 +153,7 @@ def cache(default_fingerprint: str | None) -> tuple[list[Finding], dict[str, str
     root = cache_dir()
     findings, fingerprints = [], {}
     for path in sorted(p for p in root.glob("*") if (p / "config.json").is_file()):
-        expected = default_fingerprint if path.name == CHECKPOINT_NAME else None
+        expected = default_plan if path.name == CHECKPOINT_NAME else None
         problem = checkpoint_problem(path, expected)
         if problem is None:
             fingerprints[path.name] = plan_of_checkpoint(path).fingerprint
@@ -253,8 +261,9 @@ def smoke_findings(args, fingerprints: dict[str, str]) -> list[Finding]:
 # the command ------------------------------------------------------------------------------------
 def diagnose(args) -> list[Finding]:
     findings = versions() + cpu_features() + accelerator() + builtin_assets()
-    plan_findings, default_fingerprint = builtin_plan()
-    cache_findings, fingerprints = cache(default_fingerprint)
+    plan_findings, default_plan = builtin_plan()
+    cache_findings, fingerprints = cache(default_plan)
+    default_fingerprint = default_plan.fingerprint if default_plan is not None else None
     findings += plan_findings + cache_findings
     findings += shipped_adapters(default_fingerprint, fingerprints)
     return findings + smoke_findings(args, fingerprints)

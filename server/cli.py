@@ -23,7 +23,7 @@ EXAMPLES = """examples:
   owq serve ckpt/owq-3 --adapters adapters/ --port 8000
   owq serve ckpt/owq-3 --api-keys keys.json --max-batch 32 --max-queue 512
   owq serve ckpt/owq-3 --device cuda --host 0.0.0.0
-  owq serve /models/base --served-model-name default-owq3-k8-h4   # the id clients send
+  owq serve /models/base --served-model-name default-owq3-global-h4   # the id clients send
   owq serve --ray --ray-replicas 2 --ray-max-adapters-per-replica 8   # 2 replicas on Ray Serve
   owq serve ckpt/owq-3 --adapters adapters/ --ray --ray-min-replicas 1 --ray-max-replicas 8 \\
        --ray-address auto                      # join a running Ray cluster, autoscale 1-8

@@ -1,6 +1,6 @@
 """The cached default checkpoint: made once, reused, and made again (with one log line saying
-why) when it is truncated, fails its checksum or was quantized with other weak columns or
-settings.
+why) when it is truncated, fails its checksum or was quantized with other weak columns,
+protected rows or settings.
 
 The minutes-long real quantization is replaced by writing a tiny checkpoint; the built-in plan
 by that checkpoint's plan (its fingerprint is what the cached default must have).
@@ -9,6 +9,7 @@ by that checkpoint's plan (its fingerprint is what the cached default must have)
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from engine_fixtures import build_tiny_server_assets, tiny_quantized_model
 
 import owq.default_checkpoint as dc
 from owq.kernels.checkpoint import WEIGHTS_NAME, QuantConfig, load_checkpoint, save_checkpoint
-from owq.kernels.plan import plan_of_checkpoint
+from owq.kernels.plan import TablePlan, plan_of_checkpoint
 
 
 @pytest.fixture
@@ -93,3 +94,14 @@ def test_the_first_run_logs_its_expected_time(fake_default, caplog):
         dc.default_checkpoint()
     assert f"about {dc.FIRST_RUN_MINUTES_2_CORES} minutes on 2 CPU cores" in caplog.text
     assert "WARNING" not in caplog.text
+
+
+def test_a_default_with_other_protected_rows_needs_making_again(fake_default):
+    """Same weak columns, other protected vocabulary rows than the built-in plan lists."""
+    path = dc.default_checkpoint()
+    plan = dc.default_plan()
+    assert dc.checkpoint_problem(path, plan) is None
+    rows = replace(plan, tables=(TablePlan("lm_head", 96, (3, 5)),))
+    assert dc.checkpoint_problem(path, rows) == (
+        "made with other protected vocabulary rows (an older default)"
+    )
