@@ -47,6 +47,12 @@ EQUAL_BYTES_OF = "h4-g32-p1f"
 WHOLE: dict[str, dict] = {
     "whole-uniform-p0": {"allocation": "uniform", "head_bits": 4, "head_groupsize": 32},
     "whole-global": {"allocation": "global", "head_bits": 4, "head_groupsize": 32},
+    "whole-global-p0": {  # the same ranking with no rows to buy: what the rows earn
+        "allocation": "global",
+        "head_bits": 4,
+        "head_groupsize": 32,
+        "head_protect_by": "none",
+    },
 }
 
 EXAMPLES = """examples:

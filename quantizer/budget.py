@@ -149,7 +149,8 @@ def prefix_scores(benefit: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def _items(model, family, shapes, s: QuantizeSettings, stats, counts=None) -> tuple:
     """(score, cost in bytes, owner) of every candidate: each column of each linear (owner =
-    the layer's index in `shapes`) and, with a quantized table, each vocabulary row (owner -1).
+    the layer's index in `shapes`) and, with a quantized table, each vocabulary row (owner -1;
+    none under `--head-protect-by none`).
     A row's score is its loss-unit benefit; under `--head-protect-by frequency` (`counts`: the
     calibration token counts) the quantizer protects the most frequent rows, so rows are scored
     as a prefix of that order: the budget values the rows that will be protected."""
@@ -162,7 +163,7 @@ def _items(model, family, shapes, s: QuantizeSettings, stats, counts=None) -> tu
                                              bool(s.search), st.fisher).double())  # fmt: skip
             costs.append(torch.full((shape.in_features,), shape.out_features * 2 + 4))
             owners.append(torch.full((shape.in_features,), i))
-        if s.head_bits != 16:
+        if s.head_bits != 16 and s.head_protect_by != "none":
             head = model.get_output_embeddings()
             st, table = stats[family.head], linear_weight(head).to(torch.float32)
             rows = row_saliency(table, st.lam, s.for_head(), None) * st.fisher

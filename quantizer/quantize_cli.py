@@ -137,11 +137,12 @@ def _add_head_arguments(p) -> None:
     )
     head.add_argument(
         "--head-protect-by",
-        choices=("error", "frequency"),
+        choices=("error", "frequency", "none"),
         default="error",
         help="rank rows by λ-weighted quantization error or by calibration frequency (with "
         "--allocation global the budget then buys a prefix of the frequency order, valued at "
-        "those rows' loss-unit benefit)",
+        "those rows' loss-unit benefit); none: no protected rows, and --allocation global "
+        "spends the whole budget on weak columns",
     )
     head.add_argument(
         "--head-weak-columns", type=int, default=0, metavar="K", help="fp16 weak columns (head)"

@@ -15,7 +15,7 @@ METHODS = ("rtn", "gptq", "owq")
 ALLOCATIONS = ("uniform", "global", "plan")  # plan: k and columns given (`kernels.plan`)
 HEAD_BITS = (16, *WBITS)  # 16: the vocabulary table stays fp16
 BUDGETS = ("linear", "whole")
-PROTECT_BY = ("error", "frequency")
+PROTECT_BY = ("error", "frequency", "none")  # none: no protected rows, global ranking too
 SAMPLERS = ("torch", "python")  # calibration window offsets: ours, or the reference scripts'
 DEFAULT_OWQ_EXTRA_BITS = 0.05  # like the paper's small-model rows (Table 1, marked *)
 
@@ -116,6 +116,8 @@ class QuantizeSettings:
             raise ValueError(f"--head-protect must lie in [0, 1), got {self.head_protect}")
         if self.head_protect_by not in PROTECT_BY:
             raise ValueError(f"--head-protect-by must be one of {PROTECT_BY}")
+        if self.head_protect_by == "none" and self.head_protect:
+            raise ValueError("--head-protect-by none protects no rows: drop --head-protect")
         if self.head_weak_columns < 0:
             raise ValueError(f"--head-weak-columns must be >= 0, got {self.head_weak_columns}")
         extras = self.head_protect or self.head_weak_columns or self.head_groupsize != -1

@@ -88,3 +88,22 @@ def test_global_with_frequency_protection_spends_the_budget(tmp_path):
     report = read_report(out)
     smallest = min(2 * layer["out_features"] + 4 for layer in report["layers"])
     assert 0 <= target - size <= max(smallest, 2 * 64 + 4), (target, size)
+
+
+def test_global_without_rows_spends_the_budget_on_weak_columns(tmp_path):
+    """`--head-protect-by none`: the ranking buys no rows, and the columns fill the budget."""
+    fields = {"target_bits": 5.0, "allocation": "global", **HEAD}
+    with_rows, params = _quantize("llama", tmp_path / "rows", **fields)
+    without, _ = _quantize("llama", tmp_path / "none", head_protect_by="none", **fields)
+    rows = [read_report(out)["vocab"]["protected_rows"] for out in (with_rows, without)]
+    assert rows[0] > 0 and rows[1] == 0, rows  # rows earn bytes here: the switch can fail
+    report = read_report(without)
+    assert report["weak_columns_total"] > read_report(with_rows)["weak_columns_total"]
+    size, target = checkpoint_bits(without).file_bytes, int(5.0 * params / 8)
+    smallest = min(2 * layer["out_features"] + 4 for layer in report["layers"])
+    assert 0 <= target - size <= smallest, (target, size)
+
+
+def test_no_rows_with_a_row_fraction_is_refused():
+    with pytest.raises(ValueError, match="drop --head-protect"):
+        QuantizeSettings(head_bits=4, head_protect=0.01, head_protect_by="none").validate()
