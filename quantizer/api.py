@@ -64,9 +64,10 @@ def _weak_columns(
 def _plan_rows(lm: nn.Module, family: Family, settings: QuantizeSettings, plan):
     """The protected rows a plan gives each vocabulary table this run quantizes (PlanError if
     they do not fit; --head-protect must then be 0: the plan chose them), or None."""
-    if plan is None or not plan.tables or settings.head_bits == 16:
-        if plan is not None and plan.tables:
-            log.info("the plan's protected rows are not used: the vocabulary table stays fp16")
+    if plan is None or not plan.tables:
+        return None
+    if settings.head_bits == 16:
+        log.info("the plan's protected rows are not used: the vocabulary table stays fp16")
         return None
     if settings.head_protect:
         raise ValueError("the plan gives the protected rows of the vocabulary table: drop "

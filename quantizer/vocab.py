@@ -94,11 +94,12 @@ def _quantize_head(W, stats: HeadStats, settings: QuantizeSettings, rows: int, g
     """(table, relative output error) of the head with `rows` protected rows, or the rows
     `given` (a plan's)."""
     s, H = settings.for_head(), stats.hessian
-    if given is None:
+    protected = given
+    if protected is None:
         score = row_saliency(W, torch.diag(H), s, stats.counts)
         if stats.fisher is not None and s.head_protect_by == "error":
             score = score * stats.fisher  # the loss-unit score the whole budget was planned with
-    protected = top_rows(score, rows) if given is None else given
+        protected = top_rows(score, rows)
     found = {}
 
     def quantize(rows: torch.Tensor) -> OWQVocab:
