@@ -153,3 +153,11 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return module.weight.data
     return module.weight.data.t()
+
+
+def vocab_tables(model: nn.Module, family: Family) -> tuple[str, ...]:
+    """Paths of the float vocabulary tables a quantizer turns into packed ones: the head, and
+    the embedding unless it shares the head's weight (a tied table is one table, stored once
+    under the head)."""
+    head, embed = model.get_submodule(family.head), model.get_submodule(family.embed)
+    return (family.head,) if head.weight is embed.weight else (family.head, family.embed)

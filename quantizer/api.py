@@ -21,7 +21,7 @@ from torch import nn
 
 from owq.kernels.bits import checkpoint_bits
 from owq.kernels.checkpoint import QuantConfig, round_unquantized, save_checkpoint
-from owq.kernels.families import Family, family_of
+from owq.kernels.families import Family, family_of, vocab_tables
 from owq.kernels.plan import WeakColumnPlan
 
 from .allocation import paper_bits
@@ -72,8 +72,7 @@ def _plan_rows(lm: nn.Module, family: Family, settings: QuantizeSettings, plan):
     if settings.head_protect:
         raise ValueError("the plan gives the protected rows of the vocabulary table: drop "
                          "--head-protect")  # fmt: skip
-    head, embed = lm.get_submodule(family.head), lm.get_submodule(family.embed)
-    tables = [family.head] + ([] if head.weight is embed.weight else [family.embed])
+    tables = vocab_tables(lm, family)
     plan.check_tables({path: lm.get_submodule(path).weight.shape[0] for path in tables})
     return {t.name: torch.tensor(t.protected_idx, dtype=torch.long) for t in plan.tables}
 

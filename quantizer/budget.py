@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from owq.kernels.families import Family, linear_shape, linear_weight, quantized_linear_paths
+from owq.kernels.families import (
+    Family,
+    linear_shape,
+    linear_weight,
+    quantized_linear_paths,
+    vocab_tables,
+)
 from owq.kernels.packing import num_groups
 
 from .allocation import LayerShape, uniform_from_target
@@ -60,8 +66,8 @@ def planned_tensors(
 ) -> dict[str, tuple[tuple, torch.dtype]]:
     """name -> (shape, dtype) of every tensor the checkpoint of this plan will hold."""
     vocab = s.head_bits != 16
-    head, embed = model.get_submodule(family.head), model.get_submodule(family.embed)
-    tied = head.weight is embed.weight
+    tables = vocab_tables(model, family)
+    tied = len(tables) == 1
     planned, owned = {}, set()
     for path in quantized_linear_paths(model, family):
         module = model.get_submodule(path)
@@ -70,8 +76,7 @@ def planned_tensors(
         if getattr(module, "bias", None) is not None:
             planned[f"{path}.bias"] = ((out_f,), torch.float16)
         owned |= {f"{path}.weight", f"{path}.bias"}
-    tables = [family.head] + ([family.embed] if not tied else []) if vocab else []
-    for path in tables:
+    for path in tables if vocab else ():
         V, D = model.get_submodule(path).weight.shape
         planned |= _packed(path, D, V, s.head_bits, s.head_groupsize, s.head_weak_columns)
         planned[f"{path}.protected_idx"] = ((head_rows,), torch.int32)
@@ -170,7 +175,7 @@ def _items(model, family, shapes, s: QuantizeSettings, stats, counts=None) -> tu
             if counts is not None:  # rows protected by frequency
                 order = torch.sort(counts, descending=True, stable=True).indices
                 rows = prefix_scores(rows, order)
-            copies = 1 if head.weight is model.get_input_embeddings().weight else 2
+            copies = len(vocab_tables(model, family))
             scores.append(rows.double())
             costs.append(torch.full((rows.numel(),), (table.shape[1] * 2 + 4) * copies))
             owners.append(torch.full((rows.numel(),), -1))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from owq.kernels.families import Family, linear_weight, set_module
+from owq.kernels.families import Family, linear_weight, set_module, vocab_tables
 from owq.kernels.grid import fake_quantize
 from owq.kernels.owq_vocab import OWQEmbedding, OWQVocab, TiedEmbedding
 from owq.kernels.packing import group_index
@@ -159,7 +159,7 @@ def quantize_vocab(
         raise ValueError("--head-bits needs calibration data (a method other than rtn)")
     start = time.perf_counter()
     head, embed = model.get_submodule(family.head), model.get_submodule(family.embed)
-    tied = head.weight is embed.weight
+    tied = len(vocab_tables(model, family)) == 1
     W = linear_weight(head).to(torch.float32)
     rows = round(settings.head_protect * W.shape[0]) if rows is None else rows
     given = given or {}
