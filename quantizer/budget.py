@@ -28,9 +28,9 @@ from owq.kernels.families import (
     vocab_tables,
 )
 from owq.kernels.packing import num_groups
+from owq.threads import single_thread
 
 from .allocation import LayerShape, uniform_from_target
-from .driver import single_thread
 from .fisher import fisher_pass
 from .settings import QuantizeSettings
 from .vocab import row_saliency, token_counts

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from owq.kernels.families import Family, blocks_of, linear_weight, set_module
+from owq.threads import single_thread
 
 from .capture import BlockInputs, StopForward, run_block, run_block_batched
 from .hessian import HessianAccumulator
@@ -56,18 +56,6 @@ class LayerRecord:
     rel_error: float | None
     gptq_loss: float | None
     seconds: float
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Per-layer maths (grid search, GPTQ's column loop) runs on many small tensors: one thread
-    is as fast on an idle machine and ~10x faster on a shared one (no barrier waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor, conv1d: bool) -> None:

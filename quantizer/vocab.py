@@ -24,8 +24,8 @@ from owq.kernels.families import Family, linear_weight, set_module, vocab_tables
 from owq.kernels.grid import fake_quantize
 from owq.kernels.owq_vocab import OWQEmbedding, OWQVocab, TiedEmbedding
 from owq.kernels.packing import group_index
+from owq.threads import single_thread
 
-from .driver import single_thread
 from .hessian import HessianAccumulator
 from .layer import gptq_linear, rtn_linear
 from .search import fit_group_params

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from owq.kernels.families import Family, blocks_of, linear_shape, linear_weight
+from owq.threads import single_thread
 
 from .allocation import (
     LayerShape,
@@ -27,7 +28,6 @@ from .allocation import (
     uniform_fixed,
     uniform_from_target,
 )
-from .driver import single_thread
 from .fisher import fisher_pass
 from .settings import QuantizeSettings
 from .weak_columns import column_sensitivity

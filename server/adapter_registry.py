@@ -33,6 +33,7 @@ from owq.kernels.adapters import (
     check_base,
     load_adapter,
 )
+from owq.threads import single_thread
 
 from .protocol import (
     ADAPTER_NAME_PATTERN,
@@ -293,6 +294,12 @@ class AdapterRegistry:
         return resolve_in_dir(self.directory, name)
 
     def _read(self, name: str, path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+        """On a helper thread, on it alone: a parallel region here would give this thread an
+        OpenMP team of its own, which slows every later decode step (`owq.threads`)."""
+        with single_thread():
+            return self._read_files(name, path)
+
+    def _read_files(self, name: str, path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         try:
             adapter = load_adapter(path)
             check_base(adapter, self.fingerprint)

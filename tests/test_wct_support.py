@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from owq import threads
 from owq.kernels.checkpoint import QuantConfig, save_checkpoint
 from tests.tiny_models import rtn_swap, tiny_config
 
@@ -88,7 +89,5 @@ def test_tokenizer_fits_the_tiny_model():
 @pytest.fixture(autouse=True)
 def single_thread():
     """Tiny matmuls on a shared CPU run far faster on one thread (no OpenMP contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads.single_thread():
+        yield

@@ -1,0 +1,31 @@
+"""torch's intra-op threads, held to one where many threads would cost more than they give.
+
+`single_thread()` runs a block on the calling thread alone. Two users:
+
+- the quantizer's per-layer maths (grid search, GPTQ's column loop): many small tensors, where
+  one thread is as fast on an idle machine and ~10x faster on a shared one (no barrier waits);
+- work a server does on a helper thread (reading an adapter). OpenMP gives every thread that
+  opens a parallel region a team of its own. Once two teams exist on a 2-core machine, libgomp
+  counts more threads than cores and its workers stop spinning between regions: each of the
+  hundreds of short regions of a decode step then waits for a sleeping worker to wake. A lone
+  stream's token took 12.5 ms instead of 8.9 ms that way (`BENCHMARKS.md`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on this thread only, inside the block (OpenMP's thread count is per thread: other
+    threads keep theirs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
