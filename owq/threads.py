@@ -13,19 +13,25 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
+_LOCK = threading.RLock()
+
 
 @contextmanager
 def single_thread() -> Iterator[None]:
-    """torch on this thread only, inside the block (OpenMP's thread count is per thread: other
-    threads keep theirs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    """torch on this thread only, inside the block. OpenMP's thread count is per thread, so
+    threads that run already keep theirs; torch's process-wide count, which a thread started
+    meanwhile takes, is 1 during the block (a thread that must have more sets its own, as the
+    engine's model thread does). One block at a time, so that each restores what it found."""
+    with _LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)

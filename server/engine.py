@@ -167,7 +167,15 @@ class Engine:
             return
         self._stopping.clear()
         self._stopped.clear()
-        self._thread = threading.Thread(target=self.run_forever, name="owq-model", daemon=True)
+        threads = torch.get_num_threads()
+
+        def model_loop() -> None:
+            # OpenMP's count is per thread, and a new thread takes torch's process-wide one,
+            # which a helper thread's `single_thread` may hold at 1 at that moment: set it.
+            torch.set_num_threads(threads)
+            self.run_forever()
+
+        self._thread = threading.Thread(target=model_loop, name="owq-model", daemon=True)
         self._thread.start()
 
     def run_forever(self) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from owq.kernels.adapters import Adapter, save_adapter
 from owq.server.adapter_registry import AdapterRegistry, check_columns
+from owq.server.engine import Engine
 from owq.threads import single_thread
 
 SHAPE = (64, 4096)  # big enough that torch splits a check of it across threads
@@ -72,3 +74,38 @@ def test_single_thread_leaves_the_other_threads_their_count():
         pool.submit(inside).result()
     assert seen == [1, threads]
     assert torch.get_num_threads() == threads
+
+
+def test_the_model_thread_takes_the_full_count_while_a_helper_holds_one():
+    """A thread started while a helper is inside `single_thread` would take torch's count of 1
+    for good; the engine's model thread sets the count of the thread that started it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    held, release = threading.Event(), threading.Event()
+
+    def helper() -> None:
+        with single_thread():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=helper)
+    holder.start()
+    try:
+        assert held.wait(30)
+        plain = []
+        other = threading.Thread(target=lambda: plain.append(torch.get_num_threads()))
+        other.start()
+        other.join()
+        assert plain == [1]  # the premise: a thread started now takes 1
+        engine = Engine.__new__(Engine)  # only what start() touches
+        engine._thread = None
+        engine._running, engine._stopping, engine._stopped = (threading.Event() for _ in "abc")
+        seen = []
+        engine.run_forever = lambda: seen.append(torch.get_num_threads())
+        engine.start()
+        engine._thread.join(30)
+        assert seen == [2]
+    finally:
+        release.set()
+        holder.join()
+        torch.set_num_threads(threads)
