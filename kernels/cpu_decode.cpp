@@ -1,12 +1,16 @@
-// Fused CPU decode of a stack of pre-norm decoder blocks (RMSNorm, RoPE, grouped-query
-// attention over the KV cache, gated SiLU MLP), one new token per row, every projection on
+// Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, RoPE, grouped-query
+// attention over the KV cache, gated SiLU MLP), one token per row, every projection on
 // torch's 4-bit kernel plus its weak columns. Built and loaded by `cpu_decode.py`; twin: the
 // runtime's eager block (`server/runtime/llama.py`), which this file must match to fp32
-// rounding. One call per decode step instead of ~60 eager ops per block: what remains of a
-// step is the 4-bit GEMMs and the bytes they read.
+// rounding. One call per step instead of ~60 eager ops per block: what remains of a step is
+// the 4-bit GEMMs and the bytes they read.
 //
-// Every row is computed on its own (norms, RoPE, its weak columns from its own slot, attention
-// over its own positions), so a row's numbers do not depend on which other rows share the step.
+// A row is one token at its own position in its own cache row: a decode step's rows are one
+// token of each sequence; a prompt's tokens are rows that share a cache row, each at its
+// position. Every key and value is written before any row attends, so a prompt token sees the
+// tokens before it (causal). Every row is computed on its own (norms, RoPE, its weak columns
+// from its own slot, attention over its own positions), so a row's numbers do not depend on
+// which other rows share the step.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -186,10 +190,10 @@ class Stack {
   }
 
   // x [B, E] fp32 (the embedded tokens) -> [B, E] after every block; positions long [B] (each
-  // row's new token, written there); cache rows row0 .. row0+B of k[i], v[i] [rows, Hkv, ctx,
-  // D]; tables[4·i + j]: the j-th projection's slot table [S+1, k, out]; slots long [B] or
+  // row's token, written there); cache_rows long [B]: each row's row of k[i], v[i] [rows, Hkv,
+  // ctx, D]; tables[4·i + j]: the j-th projection's slot table [S+1, k, out]; slots long [B] or
   // empty (every row on the base).
-  at::Tensor step(at::Tensor x, at::Tensor positions, int64_t row0,
+  at::Tensor step(at::Tensor x, at::Tensor positions, at::Tensor cache_rows,
                   const std::vector<at::Tensor>& k, const std::vector<at::Tensor>& v,
                   const std::vector<at::Tensor>& tables, at::Tensor slots) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) == width_,
@@ -208,6 +212,9 @@ class Stack {
     for (int64_t b = 0; b < rows; ++b) {
       TORCH_CHECK(pos[b] >= 0 && pos[b] < ctx, "position ", pos[b], " outside the cache");
     }
+    TORCH_CHECK(cache_rows.numel() == rows, "one cache row a row");
+    at::Tensor crow_t = cache_rows.to(at::kLong).contiguous();
+    const int64_t* crow = crow_t.data_ptr<int64_t>();
     TORCH_CHECK(!slot || slot_t.numel() == rows, "one slot a row");
     for (size_t i = 0; i < n; ++i) {
       const Linear& l = linear(i);
@@ -226,7 +233,7 @@ class Stack {
       const Block& blk = blocks_[i];
       norm_rows(hp, xp, blk.attn_norm, rows, width);
       at::Tensor qkv = project(blk.qkv, h, tables[4 * i], slot);
-      attend(qkv, attn, pos, row0, k[i], v[i]);
+      attend(qkv, attn, pos, crow, k[i], v[i]);
       at::Tensor o = project(blk.o, attn, tables[4 * i + 1], slot);
       x.add_(o);
       norm_rows(hp, xp, blk.mlp_norm, rows, width);
@@ -238,9 +245,15 @@ class Stack {
   }
 
  private:
+  // Rows of n values each, split across threads only where a prompt brings many (a decode
+  // step's few rows run inline); each row's numbers are the same either way.
+  static int64_t row_grain(int64_t n) { return std::max<int64_t>(1, (1 << 16) / n); }
+
   void norm_rows(float* out, const float* x, const at::Tensor& w, int64_t rows, int64_t n) {
     const float* wp = w.data_ptr<float>();
-    for (int64_t b = 0; b < rows; ++b) rms_norm(out + b * n, x + b * n, wp, n, eps_);
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) rms_norm(out + b * n, x + b * n, wp, n, eps_);
+    });
   }
 
   // silu(gate)·up of [B, 2·I] -> [B, I].
@@ -249,19 +262,22 @@ class Stack {
     at::Tensor out = at::empty({rows, inter}, gu.options());
     const float* g = gu.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    for (int64_t b = 0; b < rows; ++b) {
-      const float* gb = g + b * 2 * inter;
-      for (int64_t i = 0; i < inter; ++i) {
-        const float a = gb[i];
-        o[b * inter + i] = a / (1.f + std::exp(-a)) * gb[inter + i];
+    at::parallel_for(0, rows, row_grain(inter), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* gb = g + b * 2 * inter;
+        for (int64_t i = 0; i < inter; ++i) {
+          const float a = gb[i];
+          o[b * inter + i] = a / (1.f + std::exp(-a)) * gb[inter + i];
+        }
       }
-    }
+    });
     return out;
   }
 
-  // RoPE on each row's q and k, k and v written at the row's position, then each query head
-  // over its key head's positions 0 .. pos into attn [B, Hq·D].
-  void attend(at::Tensor& qkv, at::Tensor& attn, const int64_t* pos, int64_t row0,
+  // RoPE on each row's q and k, k and v written at the row's position of its cache row, then
+  // (every row written) each query head over its key head's positions 0 .. pos into attn
+  // [B, Hq·D].
+  void attend(at::Tensor& qkv, at::Tensor& attn, const int64_t* pos, const int64_t* crow,
               const at::Tensor& kc, const at::Tensor& vc) {
     const int64_t rows = qkv.size(0), width = qkv.size(1), d = d_;
     const int64_t hq = heads_, hkv = kv_heads_, groups = hq / hkv;
@@ -270,9 +286,9 @@ class Stack {
     TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat &&
                     vc.sizes() == kc.sizes() && vc.scalar_type() == at::kFloat,
                 "the cache: two contiguous fp32 [rows, Hkv, ctx, D] tensors a block");
-    TORCH_CHECK(row0 >= 0 && row0 + rows <= kc.size(0), "cache rows out of range");
     for (int64_t b = 0; b < rows; ++b) {
       TORCH_CHECK(pos[b] < ctx, "position ", pos[b], " outside the cache");
+      TORCH_CHECK(crow[b] >= 0 && crow[b] < kc.size(0), "cache row ", crow[b], " out of range");
     }
     float* q = qkv.data_ptr<float>();
     float* kp = kc.data_ptr<float>();
@@ -286,7 +302,7 @@ class Stack {
       const float* s = ssin + pos[b] * d;
       for (int64_t h = 0; h < hq + hkv; ++h) rope(row + h * d, c, s, d, tmp.data());
       for (int64_t h = 0; h < hkv; ++h) {
-        const int64_t where = (((row0 + b) * hkv + h) * ctx + pos[b]) * d;
+        const int64_t where = ((crow[b] * hkv + h) * ctx + pos[b]) * d;
         std::copy(row + (hq + h) * d, row + (hq + h + 1) * d, kp + where);
         std::copy(row + (hq + hkv + h) * d, row + (hq + hkv + h + 1) * d, vp + where);
       }
@@ -301,8 +317,8 @@ class Stack {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / hq, head = i % hq, kvh = head / groups, len = pos[b] + 1;
         const float* qh = q + b * width + head * d;
-        const float* keys = kp + ((row0 + b) * hkv + kvh) * ctx * d;
-        const float* vals = vp + ((row0 + b) * hkv + kvh) * ctx * d;
+        const float* keys = kp + (crow[b] * hkv + kvh) * ctx * d;
+        const float* vals = vp + (crow[b] * hkv + kvh) * ctx * d;
         p.resize(len);
         float top = -INFINITY;
         for (int64_t t = 0; t < len; ++t) {

@@ -1,8 +1,9 @@
-"""Fused CPU decode step of a stack of pre-norm RoPE blocks (`cpu_decode.cpp`).
+"""Fused CPU step of a stack of pre-norm RoPE blocks (`cpu_decode.cpp`).
 
-One call runs every block of a decode step (one new token per row): RMSNorm, each projection
-on torch's 4-bit kernel plus its weak columns from each row's own slot, RoPE, the KV-cache
-write, grouped-query attention over each row's positions, the gated SiLU MLP, the residuals.
+One call runs every block of a fast step, one token per row: RMSNorm, each projection on
+torch's 4-bit kernel plus its weak columns from each row's own slot, RoPE, the KV-cache write,
+grouped-query attention over each row's positions, the gated SiLU MLP, the residuals. A decode
+step's rows are one token of each sequence; a prompt's tokens are rows of one cache row.
 The eager block does ~60 small torch ops per block; at batch 1 their dispatch, not the bytes
 of the 4-bit codes, was most of a step. Twin: the runtime's eager block
 (`server/runtime/llama.py`), matched to fp32 rounding by the tests for rows on the base and
@@ -171,8 +172,11 @@ class DecodeStack:
             log.warning("fused CPU decode step refused this model (%s): eager blocks", e)
             return None
 
-    def step(self, x: torch.Tensor, positions: torch.Tensor, row0: int, k, v, slots):
-        """x [B, E] fp32 -> [B, E] after every block, or None (see the class)."""
+    def step(self, x: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor, k, v,
+             slots):  # fmt: skip
+        """x [B, E] fp32 -> [B, E] after every block, or None (see the class): each row one
+        token at positions[b] of cache row cache_rows[b] (long [B] both), with its adapter slot
+        (long [B], or None: the base)."""
         tables = []
         for layer, plan in zip(self.layers, self.plans, strict=True):
             if layer.cpu is not plan or layer.trainable is not None or layer.force_reference:
@@ -183,4 +187,4 @@ class DecodeStack:
                 return None
             tables.append(layer.weak_table)
         slots = _none() if slots is None else slots
-        return self.stack.step(x, positions.reshape(-1), row0, k, v, tables, slots)
+        return self.stack.step(x, positions.reshape(-1), cache_rows, k, v, tables, slots)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model, wr
 
 from owq.kernels import cpu_decode
 from owq.server.runtime import KVCache, build_runtime, step_index
+from owq.server.runtime.llama import FUSED_PROMPT_ROWS
 
 LENGTHS = [5, 9, 3, 7]  # each row's prompt: the decode step's rows sit at different positions
 
@@ -30,8 +32,8 @@ def prefilled(rt, tokens: torch.Tensor, slots: torch.Tensor) -> KVCache:
     return cache
 
 
-def decode(rt, cache: KVCache, tokens: torch.Tensor, slots, row0: int = 0) -> torch.Tensor:
-    lengths = torch.tensor(LENGTHS[row0 : row0 + tokens.shape[0]])
+def decode(rt, cache: KVCache, tokens: torch.Tensor, slots, row0: int = 0, lengths=None):
+    lengths = torch.tensor(lengths or LENGTHS[row0 : row0 + tokens.shape[0]])
     step = step_index(cache.shape, row0, lengths[:, None], decode=True)
     with torch.inference_mode():
         return rt(tokens, step, cache, slots, "last")
@@ -139,11 +141,12 @@ def test_rows_do_not_depend_on_the_step_they_share():
     x = rt.vocab.embed(next_tokens(tokens))[:, 0]
     positions = torch.tensor(LENGTHS)
     cache = prefilled(rt, tokens, slots)
-    together = rt.fused.step(x, positions, 0, cache.k, cache.v, slots)
+    together = rt.fused.step(x, positions, torch.arange(4), cache.k, cache.v, slots)
     for row in range(len(LENGTHS)):  # the same step again, each row on its own
         cache = prefilled(rt, tokens, slots)
         one = slice(row, row + 1)
-        alone = rt.fused.step(x[one], positions[one], row, cache.k, cache.v, slots[one])
+        rows = torch.tensor([row])
+        alone = rt.fused.step(x[one], positions[one], rows, cache.k, cache.v, slots[one])
         torch.testing.assert_close(alone[0], together[row], rtol=0, atol=0)
 
 
@@ -153,6 +156,76 @@ def test_rows_on_the_base_equal_no_slots():
     on_slots = decode(rt, prefilled(rt, tokens, base), next_tokens(tokens), base)
     no_slots = decode(rt, prefilled(rt, tokens, base), next_tokens(tokens), None)
     torch.testing.assert_close(on_slots, no_slots, rtol=0, atol=0)
+
+
+def prompt_step(rt, cache, tokens, slots, first: int, fused: bool, runs=None) -> torch.Tensor:
+    """A fast prompt step as the scheduler runs one: rows 0 .. B-1 padded to [B, T], each from
+    position `first`, every token's logits; the fused step offered or not (`fused`), and
+    checked to have run where `runs` (default: where offered)."""
+    positions = first + torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    step = step_index(cache.shape, 0, positions, fast=True)
+    stack, ran = rt.fused, []
+    spy = SimpleNamespace(step=lambda *a: ran.append(stack.step(*a)) or ran[-1])
+    rt.fused = spy if fused else None
+    try:
+        with torch.inference_mode():
+            out = rt(tokens, step, cache, slots, "all")
+    finally:
+        rt.fused = stack
+    runs = fused if runs is None else runs
+    assert len(ran) == int(runs) and all(r is not None for r in ran)  # it ran, or none did
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_prompt_step_equals_the_eager_blocks(kind):
+    """Prompts through the fused step: two sequences padded to one step, in two chunks (the
+    second attends to the first's cache), on the base and on an adapter, fp32 tables. Every
+    real token's logits and every key and value it wrote agree with the eager blocks to fp32
+    rounding; a causal mistake (a token seeing later ones) or a wrong cache row is of the
+    order of the logits."""
+    rt, tokens = setup(kind, -1, 3, table_dtype=torch.float32)
+    slots, lengths = torch.tensor([0, 2]), [9, 6]  # the second prompt is padded in chunk 2
+    caches = {True: KVCache(rt.cache_shape(2)), False: KVCache(rt.cache_shape(2))}
+    got = {}
+    for fused, cache in caches.items():
+        first = prompt_step(rt, cache, tokens[:2, :4], slots, 0, fused)
+        second = prompt_step(rt, cache, tokens[:2, 4:9], slots, 4, fused)
+        got[fused] = torch.cat([first, second], 1)
+    scale = float(got[False].abs().max())
+    assert not torch.equal(got[True][0], got[False][0])  # two implementations: both ran
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(got[True][row, :n], got[False][row, :n], rtol=0,
+                                   atol=2e-3 * scale)  # fmt: skip
+        for layer in range(len(rt.blocks)):
+            for a, b in ((caches[True].k[layer], caches[False].k[layer]),
+                         (caches[True].v[layer], caches[False].v[layer])):  # fmt: skip
+                top = float(b.abs().max())
+                torch.testing.assert_close(a[row, :, :n], b[row, :, :n], rtol=0, atol=2e-3 * top)
+    # a decode step after the chunked prompt gives the logits of the same token in one prompt
+    decoded = decode(rt, caches[True], tokens[:1, 9:10], slots[:1], row0=0, lengths=[9])
+    whole = prompt_step(rt, KVCache(rt.cache_shape(2)), tokens[:1, :10], slots[:1], 0, True)
+    torch.testing.assert_close(decoded[0], whole[0, 9], rtol=0, atol=2e-3 * scale)
+
+
+def test_a_prompt_token_sees_no_later_token():
+    """Changing a prompt's last token leaves every earlier token's logits as they were, bit for
+    bit: all keys are written before any row attends, but each reads positions 0 .. its own."""
+    rt, tokens = setup("llama", -1, 3)
+    slots = torch.tensor([1])
+    a = prompt_step(rt, KVCache(rt.cache_shape(1)), tokens[:1, :8], slots, 0, True)
+    changed = tokens[:1, :8].clone()
+    changed[0, 7] = (changed[0, 7] % 127) + 1
+    b = prompt_step(rt, KVCache(rt.cache_shape(1)), changed, slots, 0, True)
+    torch.testing.assert_close(a[0, :7], b[0, :7], rtol=0, atol=0)
+    assert not torch.equal(a[0, 7], b[0, 7])
+
+
+def test_a_long_prompt_step_runs_the_eager_blocks():
+    rt, _ = setup("llama", -1, 3)
+    tokens = torch.randint(1, 128, (2, FUSED_PROMPT_ROWS // 2 + 1))
+    prompt_step(rt, KVCache(rt.cache_shape(2)), tokens, None, 0, True, runs=False)
+    prompt_step(rt, KVCache(rt.cache_shape(2)), tokens[:, :-1], None, 0, True, runs=True)
 
 
 def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
@@ -171,11 +244,12 @@ def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
     with torch.enable_grad():  # autograd (tuning): the eager blocks
         assert rt._fused_step(torch.zeros(1, 1, 64), step, None, None) is None
     rt.blocks[1].down.force_reference = True  # the reference path asked for: the eager blocks
-    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), 0, [], [], None) is None
+    zero = torch.zeros(1, dtype=torch.long)
+    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), zero, [], [], None) is None
     rt.blocks[1].down.force_reference = False
     rt.fused.stale = False
     rt.blocks[0].o.release()  # a plan rebuilt under the stack: the step falls back to eager
-    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), 0, [], [], None) is None
+    assert rt.fused.step(torch.zeros(1, 64), torch.tensor([1]), zero, [], [], None) is None
     rt.blocks[0].o.prepare(torch.float32, int4=True, resident=False)
     got = decode(rt, prefilled(rt, tokens, slots), next_tokens(tokens), slots)
     scale = float(want.abs().max())
@@ -196,15 +270,20 @@ def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
 def test_a_position_outside_the_cache_is_refused():
     rt, _ = setup("llama", -1, 3)
     cache = KVCache(rt.cache_shape(1))
-    x = torch.zeros(1, 64)
+    x, row = torch.zeros(1, 64), torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="position 64 outside the cache"):
-        rt.fused.step(x, torch.tensor([64]), 0, cache.k, cache.v, None)
-    with pytest.raises(RuntimeError, match="cache rows out of range"):
-        rt.fused.step(x, torch.tensor([3]), 1, cache.k, cache.v, None)
+        rt.fused.step(x, torch.tensor([64]), row, cache.k, cache.v, None)
+    with pytest.raises(RuntimeError, match="cache row 1 out of range"):
+        rt.fused.step(x, torch.tensor([3]), row + 1, cache.k, cache.v, None)
+    with pytest.raises(RuntimeError, match="one cache row a row"):
+        rt.fused.step(
+            x, torch.tensor([3]), torch.zeros(2, dtype=torch.long), cache.k, cache.v, None
+        )
     with pytest.raises(RuntimeError, match="slot 3 out of range"):  # 2 adapter slots
-        rt.fused.step(x, torch.tensor([3]), 0, cache.k, cache.v, torch.tensor([3]))
+        rt.fused.step(x, torch.tensor([3]), row, cache.k, cache.v, torch.tensor([3]))
     with pytest.raises(RuntimeError, match="one slot a row"):
-        rt.fused.step(x.expand(2, -1), torch.tensor([3, 3]), 0, cache.k, cache.v, torch.ones(1))
+        two = row.expand(2)
+        rt.fused.step(x.expand(2, -1), torch.tensor([3, 3]), two, cache.k, cache.v, torch.ones(1))
 
 
 def test_a_module_built_ahead_is_imported_as_it_is(tmp_path):
