@@ -1,5 +1,5 @@
 """The built-in default checkpoint: the default model quantized once (OWQ 3-bit linears, 4-bit
-vocabulary table, fp16 weak columns and rows from one whole-file budget) and cached.
+vocabulary table, fp16 weak columns from one whole-file budget) and cached.
 
 `owq serve` with no CKPT calls `default_checkpoint()`: it returns the cached checkpoint dir,
 quantizing the default model into it first if it is not there, or is damaged (truncated, checksum
@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "default-owq3-global-h4"
 # The settings of the default checkpoint (owq.quantizer.settings.QuantizeSettings fields): the
 # linears at 3 bits and the tied vocabulary table at 4 bits in groups of 32. The built-in plan
-# gives the fp16 weak columns of every linear and the table's protected rows: the choice of
-# `--budget whole --allocation global` at 3.45 bits per weight for the whole file, which ranks
-# them all by measured benefit per byte (BENCHMARKS.md, the whole-global default: 0.59x the
-# GGUF's bytes, perplexity about 1% above the 3-bit linears with the fp16 table).
+# gives the fp16 weak columns of every linear: the choice of `--budget whole --allocation
+# global --head-protect-by none` at 3.45 bits per weight for the whole file, which ranks them by
+# measured benefit per byte. Protected fp16 rows of the table lost to weak columns at these
+# bytes (0.6-1.0% perplexity over two seeds), so it buys none (BENCHMARKS.md, the default
+# without rows: 0.59x the GGUF's bytes, perplexity a little below that of the 3-bit linears
+# with the fp16 table).
 DEFAULT_SETTINGS = {
     "method": "owq",
     "wbits": 3,

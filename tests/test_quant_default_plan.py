@@ -32,10 +32,11 @@ def shipped_adapters() -> list:
 def test_shipped_adapters_fit_the_committed_plan():
     plan = dc.default_plan()
     layers = plan.by_name()
-    # the whole-file global allocation at 3.45 bits: uneven k (none in some layers) and 37 rows
-    assert len(plan.layers) == 30 * 7 and sum(layer.k for layer in plan.layers) == 1804
+    # the whole-file global allocation at 3.45 bits with no rows to buy: uneven k (none in some
+    # layers); the vocabulary table all 4-bit (rows lost to weak columns, BENCHMARKS.md)
+    assert len(plan.layers) == 30 * 7 and sum(layer.k for layer in plan.layers) == 1878
     assert min(layer.k for layer in plan.layers) == 0 < max(layer.k for layer in plan.layers)
-    assert [(t.name, t.rows, len(t.protected_idx)) for t in plan.tables] == [("lm_head", 49152, 37)]
+    assert plan.tables == ()
     assert len(shipped_adapters()) >= 2
     for path in shipped_adapters():
         adapter = load_adapter(path)
