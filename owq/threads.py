@@ -27,7 +27,8 @@ def single_thread() -> Iterator[None]:
     """torch on this thread only, inside the block. OpenMP's thread count is per thread, so
     threads that run already keep theirs; torch's process-wide count, which a thread started
     meanwhile takes, is 1 during the block (a thread that must have more sets its own, as the
-    engine's model thread does). One block at a time, so that each restores what it found."""
+    engine's model thread does). One block at a time, so that each restores what it found: a
+    block must not wait on another thread that may enter one."""
     with _LOCK:
         before = torch.get_num_threads()
         torch.set_num_threads(1)

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from owq import threads
 from owq.kernels.checkpoint import QuantConfig, save_checkpoint
 from tests.tiny_models import rtn_swap, tiny_config
 
@@ -88,6 +87,10 @@ def test_tokenizer_fits_the_tiny_model():
 
 @pytest.fixture(autouse=True)
 def single_thread():
-    """Tiny matmuls on a shared CPU run far faster on one thread (no OpenMP contention)."""
-    with threads.single_thread():
-        yield
+    """Tiny matmuls on a shared CPU run far faster on one thread (no OpenMP contention). Not
+    `owq.threads.single_thread`, which serializes its blocks: a test's server reads adapters in
+    such a block on a helper thread while the test waits on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
