@@ -86,6 +86,16 @@ class WeakColumnPlan:
         return next((t for t in self.tables if t.name == name), None)
 
     @property
+    def weak_columns(self) -> int:
+        """Weak columns over every layer."""
+        return sum(layer.k for layer in self.layers)
+
+    @property
+    def protected_rows(self) -> int:
+        """Protected rows over every vocabulary table."""
+        return sum(len(t.protected_idx) for t in self.tables)
+
+    @property
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) over the layers with k > 0: name, in x out, indices."""
         digest = hashlib.sha256()

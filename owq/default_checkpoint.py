@@ -129,10 +129,11 @@ def default_checkpoint() -> Path:
         if problem != "missing":
             log.warning("the cached default %s is %s: quantizing it again", out, problem)
         log.info(
-            "quantizing the default model once into %s (OWQ 3-bit, 4-bit vocabulary table, weak "
-            "columns and protected rows from the built-in plan %s): about %d minutes on 2 CPU "
-            "cores (this machine has %d); progress below",
-            out, plan.fingerprint, FIRST_RUN_MINUTES_2_CORES, os.cpu_count() or 1,
+            "quantizing the default model once into %s (OWQ 3-bit, 4-bit vocabulary table, %d "
+            "weak columns and %d protected rows from the built-in plan %s): about %d minutes on "
+            "2 CPU cores (this machine has %d); progress below",
+            out, plan.weak_columns, plan.protected_rows, plan.fingerprint,
+            FIRST_RUN_MINUTES_2_CORES, os.cpu_count() or 1,
         )  # fmt: skip
         _quantize_default(out, plan)
     return out

@@ -135,10 +135,9 @@ def builtin_plan() -> tuple[list[Finding], WeakColumnPlan | None]:
     except (OSError, ValueError) as e:
         return [Finding("built-in plan", "FAIL", str(e))], None
     weak = sum(1 for layer in plan.layers if layer.k)
-    rows = sum(len(t.protected_idx) for t in plan.tables)
     detail = (
-        f"{len(plan.layers)} layers, {weak} with weak columns, {rows} protected vocabulary rows, "
-        f"fingerprint {plan.fingerprint}"
+        f"{len(plan.layers)} layers, {weak} with weak columns, {plan.protected_rows} protected "
+        f"vocabulary rows, fingerprint {plan.fingerprint}"
     )
     return [Finding("built-in plan", "ok", detail)], plan
 

@@ -48,8 +48,7 @@ def run_export(args) -> int:
     weak = [layer for layer in plan.layers if layer.k]
     print(
         f"wrote {args.out}: {len(plan.layers)} layers, {len(weak)} with weak columns "
-        f"({sum(layer.k for layer in weak)} in all), "
-        f"{sum(len(t.protected_idx) for t in plan.tables)} protected vocabulary rows, "
+        f"({plan.weak_columns} in all), {plan.protected_rows} protected vocabulary rows, "
         f"fingerprint {plan.fingerprint}"
     )
     return 0
