@@ -22,6 +22,7 @@ from serving_clients import (
     START_TIMEOUT_S,
     Scenario,
     body,
+    full_length,
     make_adapters,
     print_table,
     run_clients,
@@ -71,7 +72,8 @@ def scenarios(args, ckpt: Path, log) -> list[Scenario]:
             for clients in args.clients:
                 for adapters in sorted({1, min(ADAPTERS, clients)}):
                     models = [names[i % adapters] for i in range(clients)]
-                    bodies = [body(i, args.max_tokens, m) for i, m in enumerate(models)]
+                    full = full_length("owq", args.max_tokens)
+                    bodies = [body(i, args.max_tokens, m, extra=full) for i, m in enumerate(models)]
                     name = f"cuda, {clients} clients, {adapters} adapter(s)"
                     sc = Scenario(name, "owq-cuda", clients, adapters)
                     out.append(asyncio.run(run_clients(url, sc, bodies, args.per_client)))

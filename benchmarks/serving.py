@@ -7,7 +7,9 @@ repo, since llama-cpp-python compiles for ~25 minutes). Every comparison alterna
 round by round and compares medians, because this machine's memory bandwidth swings by a third
 within seconds: batch-1 greedy streams (owq, llama.cpp, transformers on the float model),
 16 concurrent clients (owq, llama.cpp), 16 clients on the base against 16 clients over 16
-distinct adapters, and one adapter. Reports owq's peak RSS. Prints a table, checks the floors,
+distinct adapters, and one adapter. Every request of a load decodes all its tokens (EOS is
+ignored: owq's `ignore_eos`, llama.cpp's `min_tokens`), so that its sides do equal work; batch-1
+streams are greedy and may end at EOS. Reports owq's peak RSS. Prints a table, checks the floors,
 writes JSON. Run it alone: it uses every core.
 """
 
@@ -31,6 +33,7 @@ from serving_clients import (
     START_TIMEOUT_S,
     Scenario,
     body,
+    full_length,
     make_adapters,
     owq_serve,
     print_table,
@@ -122,18 +125,21 @@ def median_of(name: str, server: str, clients: int, adapters: int, rounds: list[
 
 
 def interleave(sides: dict, rounds: int) -> dict[str, list[Scenario]]:
-    """Run every side once per round, in turn, with a pause between sides."""
+    """Run every side once per round, in turn, with a pause between sides. The order rotates
+    by one side a round, so that no side always runs right after the same other one (after
+    llama.cpp's run, or first in a round)."""
     out: dict[str, list[Scenario]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, run in sides.items():
+    names = list(sides)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(SETTLE_S)
-            out[name].append(run())
+            out[name].append(sides[name]())
     return out
 
 
-def client_run(url: str, clients: int, models: list, args, temperature: float = 0.8):
+def client_run(url: str, clients: int, models: list, args, temperature=0.8, extra=None):
     def run() -> Scenario:
-        bodies = [body(i, args.max_tokens, m, temperature) for i, m in enumerate(models)]
+        bodies = [body(i, args.max_tokens, m, temperature, extra) for i, m in enumerate(models)]
         sc = Scenario("round", "", clients, 0)
         return asyncio.run(run_clients(url, sc, bodies, args.per_client))
 
@@ -151,11 +157,13 @@ def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]) -> li
     out = []
     for side, rounds in interleave(batch1, args.rounds).items():
         out.append(median_of(f"{side}, batch 1 greedy", side, 1, 0, rounds))
-    load = {"owq": client_run(owq_url, many, [None] * many, args)}
-    load["owq-adapters"] = client_run(owq_url, many, names[:many], args)
-    load["owq-one-adapter"] = client_run(owq_url, many, [names[0]] * many, args)
+    full = full_length("owq", args.max_tokens)
+    load = {"owq": client_run(owq_url, many, [None] * many, args, extra=full)}
+    load["owq-adapters"] = client_run(owq_url, many, names[:many], args, extra=full)
+    load["owq-one-adapter"] = client_run(owq_url, many, [names[0]] * many, args, extra=full)
     if llama_url:
-        load["llama.cpp"] = client_run(llama_url, many, [None] * many, args)
+        llama_full = full_length("llama.cpp", args.max_tokens)
+        load["llama.cpp"] = client_run(llama_url, many, [None] * many, args, extra=llama_full)
     labels = {
         "owq": f"owq base, {many} clients",
         "owq-adapters": f"owq {many} adapters",

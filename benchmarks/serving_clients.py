@@ -62,21 +62,29 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, body: dict) -> Stream:
+    """One streamed request. A chunk is a token when it has text or no finish reason (a token
+    whose text is not out yet, e.g. an end-of-sequence token past `ignore_eos`, still took its
+    step); a closing chunk without text is not. The count is the server's usage where it sends
+    one (`stream_options`; llama-cpp-python ignores the field)."""
     start = time.perf_counter()
     stamps: list[float] = []
+    used = None
+    body = body | {"stream_options": {"include_usage": True}}
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("text"):  # one chunk per token; the closing chunk may be empty
-                stamps.append(time.perf_counter())
+            chunk = json.loads(line[6:])
+            used = (chunk.get("usage") or {}).get("completion_tokens", used)
+            for choice in chunk.get("choices") or ():
+                if choice.get("text") or not choice.get("finish_reason"):
+                    stamps.append(time.perf_counter())
     if not stamps:
         raise RuntimeError("the stream had no tokens")
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    return Stream(stamps[0] - start, gaps, len(stamps))
+    return Stream(stamps[0] - start, gaps, len(stamps) if used is None else used)
 
 
 async def run_clients(url: str, scenario: Scenario, bodies: list[dict], per_client: int):
@@ -116,11 +124,22 @@ def summarize(scenario: Scenario, streams: list[Stream]) -> None:
 
 
 def body(
-    prompt_i: int, max_tokens: int, model: str | None = None, temperature: float = 0.8
+    prompt_i: int,
+    max_tokens: int,
+    model: str | None = None,
+    temperature: float = 0.8,
+    extra: dict | None = None,
 ) -> dict:
+    """A streamed completion; `extra` adds server-specific fields (FULL_LENGTH)."""
     prompt = PROMPTS[prompt_i % len(PROMPTS)]
     out = dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=prompt_i)
-    return out | {"stream": True} | ({"model": model} if model else {})
+    return out | {"stream": True} | ({"model": model} if model else {}) | (extra or {})
+
+
+def full_length(server: str, max_tokens: int) -> dict:
+    """The fields that make `server` decode all `max_tokens` past EOS, so that loads compare
+    equal work: owq's `ignore_eos`, llama-cpp-python's `min_tokens` (which masks EOS)."""
+    return {"min_tokens": max_tokens} if server == "llama.cpp" else {"ignore_eos": True}
 
 
 def free_port() -> int:

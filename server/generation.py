@@ -252,6 +252,7 @@ def sampling_params(body, max_tokens: int, logprobs: int | None, echo: bool) -> 
         seed=body.seed,
         logprobs=logprobs,
         echo=echo,
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -43,6 +43,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same prompt, same adapter -> same tokens
     logprobs: int | None = None  # None = none; N >= 0 = chosen token + N top alternatives
     echo: bool = False  # also return the prompt tokens (with logprobs when logprobs is set)
+    ignore_eos: bool = False  # decode past EOS to max_tokens (stop strings still end it)
 
 
 @dataclass(frozen=True)

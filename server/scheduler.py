@@ -341,7 +341,7 @@ class Scheduler:
         seq.tokens.append(token)
         seq.generated += 1
         finish = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.params.ignore_eos:
             finish, text = "stop", seq.text.flush()
         else:
             piece = seq.text.push(token)

@@ -88,6 +88,7 @@ class SamplingFields(BaseModel):
     )
     stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63), BeforeValidator(_integral)] | None = None
+    ignore_eos: bool = Field(False, description="extension; decode past end-of-sequence tokens")
     n: PositiveInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

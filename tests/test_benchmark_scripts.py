@@ -53,3 +53,58 @@ def test_ab_decode_base_tree_is_what_its_workers_import(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     files = done.stdout.split()
     assert files and all(Path(f).is_relative_to(tree) for f in files), files
+
+
+def test_interleaved_sides_rotate_so_none_always_follows_the_same_one(monkeypatch):
+    import serving
+
+    monkeypatch.setattr(serving, "SETTLE_S", 0.0)
+    order = []
+    sides = {name: (lambda name=name: order.append(name) or name) for name in "abc"}
+    out = serving.interleave(sides, 3)
+    assert out == {name: [name] * 3 for name in "abc"}
+    assert order == list("abcbcacab")
+
+
+def sse_stream(*chunks):
+    """An httpx transport that answers every request with these SSE chunks and [DONE]."""
+    import json
+
+    import httpx
+
+    lines = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    return httpx.MockTransport(lambda request: httpx.Response(200, text="".join(lines)))
+
+
+@pytest.mark.parametrize(
+    ("chunks", "tokens", "stamped"),
+    [
+        # owq: a token with no text yet (EOS past ignore_eos) still counts; usage has the count
+        (
+            [{"choices": [{"text": "a"}]}, {"choices": [{"text": ""}]},
+             {"choices": [{"text": "b", "finish_reason": "length"}]},
+             {"choices": [], "usage": {"completion_tokens": 3}}],
+            3,
+            3,
+        ),
+        # llama-cpp-python: no usage, and a closing chunk without text that is no token
+        (
+            [{"choices": [{"text": "a"}]}, {"choices": [{"text": "b"}]},
+             {"choices": [{"text": "", "finish_reason": "length"}]}],
+            2,
+            2,
+        ),
+    ],
+)  # fmt: skip
+def test_a_stream_counts_its_tokens(chunks, tokens, stamped):
+    import asyncio
+
+    import httpx
+    from serving_clients import one_stream
+
+    async def main():
+        async with httpx.AsyncClient(transport=sse_stream(*chunks)) as client:
+            return await one_stream(client, "http://owq", {"prompt": "x"})
+
+    stream = asyncio.run(main())
+    assert stream.tokens == tokens and len(stream.gaps) == stamped - 1

@@ -131,7 +131,7 @@ def test_queue_full_and_cancel_frees_the_slot(engine):
     run(main())
 
 
-def test_eos_ends_with_stop(engine):
+def test_eos_ends_with_stop_unless_ignored(engine):
     reference = run(collect(engine, request(engine, PROMPT, max_tokens=12)))
     eos = reference[5].token_id
     engine.scheduler.eos_ids = frozenset({eos})
@@ -139,6 +139,9 @@ def test_eos_ends_with_stop(engine):
     first = [e.token_id for e in reference].index(eos)
     assert [e.token_id for e in events] == [e.token_id for e in reference[: first + 1]]
     assert events[-1].finish_reason == "stop" and events[-1].text == ""
+    past = run(collect(engine, request(engine, PROMPT, max_tokens=12, ignore_eos=True)))
+    assert [e.token_id for e in past] == [e.token_id for e in reference]
+    assert past[-1].finish_reason == "length"
 
 
 # detokenization -------------------------------------------------------------------------------

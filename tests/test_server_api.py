@@ -102,6 +102,13 @@ def test_stop_string_cuts_text(client, base):
     assert cut.finish_reason == "stop"
 
 
+def test_ignore_eos_decodes_to_max_tokens(client, base):
+    out = complete(client, base, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 24
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        complete(client, base, max_tokens=2, extra_body={"ignore_eos": "sometimes"})
+
+
 def test_streaming_matches_non_streaming(client, base):
     full = complete(client, base, max_tokens=10, temperature=0).choices[0].text
     chunks = list(complete(client, base, max_tokens=10, temperature=0, stream=True))
