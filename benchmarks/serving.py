@@ -242,7 +242,7 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=None, help="concurrent clients (16)")
     p.add_argument("--per-client", type=int, default=None, help="requests per client (1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved batch-1 rounds (7)")
-    p.add_argument("--load-rounds", type=int, default=None, help="rounds of the loads (3)")
+    p.add_argument("--load-rounds", type=int, default=None, help="rounds of the loads (8)")
     p.add_argument("--llama-python", default=None, help="python with llama-cpp-python[server]")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers ref")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
@@ -253,7 +253,7 @@ def parse_args(argv=None):
     args.clients = args.clients or (4 if quick else 16)
     args.per_client = args.per_client or 1
     args.rounds = args.rounds or (2 if quick else 7)
-    args.load_rounds = args.load_rounds or (1 if quick else 3)
+    args.load_rounds = args.load_rounds or (1 if quick else 8)
     results = Path(__file__).resolve().parent / "results"
     args.json = args.json or results / ("serving-quick.json" if quick else "serving.json")
     return args
