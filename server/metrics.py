@@ -60,6 +60,14 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.step = Histogram(
+            f"{prefix}_step_seconds",
+            "One model step: phase prefill (prompts) or decode (a token a row, sampling "
+            "included); adapters: how many distinct adapters its rows were on (0, 1, 2+)",
+            ["phase", "adapters"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(f"{prefix}_queue_depth", "Requests waiting", registry=r)
         self.running = Gauge(f"{prefix}_running_batch_size", "Rows in the batch", registry=r)
         self.adapters_loaded = Gauge(f"{prefix}_adapters_loaded", "Adapters loaded", registry=r)
@@ -74,6 +82,9 @@ class ServerMetrics:
     def on_step(self, running: int, queued: int) -> None:
         self.running.set(running)
         self.queue_depth.set(queued)
+
+    def on_phase(self, phase: str, adapters: str, seconds: float) -> None:
+        self.step.labels(phase, adapters).observe(seconds)
 
     def on_adapters(self, loaded: int, load_seconds: float | None) -> None:
         self.adapters_loaded.set(loaded)

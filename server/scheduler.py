@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,13 +115,24 @@ class Scheduler:
         self._drop_cancelled()
         self._admit()
         if self.prefilling:
-            self._prefill(self.prefilling)
+            self._timed("prefill", self._prefill, self.prefilling)
             self._remove_rows(lambda s: s.done)
         if self.running:
-            self._decode(self.running)
+            self._timed("decode", self._decode, self.running)
             self._remove_rows(lambda s: s.done)
         self.steps += 1
         self.report()
+
+    def _timed(self, phase: str, run: Callable[[list[Sequence]], None], seqs) -> None:
+        """run(seqs), reported to the observer as one `phase` on this many distinct adapters."""
+        adapters = adapter_count(seqs)
+        start = time.perf_counter()
+        run(seqs)
+        if self.observer is not None:
+            try:
+                self.observer.on_phase(phase, adapters, time.perf_counter() - start)
+            except Exception:  # metrics must not stop the model
+                log.exception("observer.on_phase failed")
 
     def report(self) -> None:
         if self.observer is not None:
@@ -386,6 +398,12 @@ class Scheduler:
 
     def _decode_one(self, token: int) -> str:
         return self.tokenizer.decode([token])
+
+
+def adapter_count(seqs: list[Sequence]) -> str:
+    """How many distinct adapters the rows are on, as a metric label: "0", "1" or "2+"."""
+    n = len({s.slot for s in seqs if s.slot > 0})
+    return str(n) if n < 2 else "2+"
 
 
 def _scored(seq: Sequence) -> bool:

@@ -182,9 +182,13 @@ class RecordingObserver:
     def __init__(self):
         self.steps: list[tuple[int, int]] = []
         self.adapter_calls: list[tuple[int, float | None]] = []
+        self.phases: list[tuple[str, str, float]] = []
 
     def on_step(self, running: int, queued: int) -> None:
         self.steps.append((running, queued))
+
+    def on_phase(self, phase: str, adapters: str, seconds: float) -> None:
+        self.phases.append((phase, adapters, seconds))
 
     def on_adapters(self, loaded: int, load_seconds: float | None) -> None:
         self.adapter_calls.append((loaded, load_seconds))

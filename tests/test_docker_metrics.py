@@ -34,7 +34,7 @@ def queries() -> list[str]:
 def metric_names(expr: str) -> set[str]:
     """Series names in a PromQL expression (identifiers that are not functions or labels)."""
     words = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", re.sub(r"\[[^\]]*\]", "", expr)))
-    return words - PROMQL_WORDS
+    return words - PROMQL_WORDS - grouping_labels(expr)
 
 
 def grouping_labels(expr: str) -> set[str]:

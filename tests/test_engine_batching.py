@@ -79,6 +79,11 @@ def test_greedy_alone_equals_inside_running_batch(assets):
         assert len(token_ids(a)) == n or a[-1].finish_reason == "stop"
     assert token_ids(alone[0]) != token_ids(alone[1])
     assert observer.max_running >= 8  # the targets really ran inside a full batch
+    # every step was timed, labelled by the distinct adapters of its rows
+    kinds = {(phase, adapters) for phase, adapters, _ in observer.phases}
+    assert {("prefill", "1"), ("decode", "1"), ("decode", "0"), ("decode", "2+")} <= kinds
+    assert {a for _, a, _ in observer.phases} == {"0", "1", "2+"}
+    assert all(seconds > 0 for *_, seconds in observer.phases)
 
 
 def test_seeded_sampling_same_alone_and_in_batch(assets):

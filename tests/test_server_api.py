@@ -220,6 +220,8 @@ def test_metrics_count_what_was_sent(client, base, server):
             metric(url, "owq_generation_tokens_total", adapter="adapter-2"),
             metric(url, "owq_prompt_tokens_total", adapter="adapter-2"),
             metric(url, "owq_time_to_first_token_seconds_count", adapter="adapter-2"),
+            metric(url, "owq_step_seconds_count", phase="prefill", adapters="1"),
+            metric(url, "owq_step_seconds_count", phase="decode", adapters="1"),
         )
 
     before = snapshot()
@@ -233,6 +235,9 @@ def test_metrics_count_what_was_sent(client, base, server):
     assert after[1] - before[1] >= generated - 1 and after[1] - before[1] <= 3 + 5 + 4
     assert after[2] - before[2] == 3 * sent[0].usage.prompt_tokens
     assert after[3] - before[3] == 3
+    # one prompt step each (alone, short prompts), then a decode step a later token
+    assert after[4] - before[4] == 3
+    assert 1 <= after[5] - before[5] <= (3 - 1) + (5 - 1) + (4 - 1)
     text = httpx.get(f"{url}/metrics").text
     for name in (
         "owq_queue_depth",
@@ -241,6 +246,7 @@ def test_metrics_count_what_was_sent(client, base, server):
         "owq_inter_token_latency_seconds",
         "owq_e2e_request_latency_seconds",
         "owq_adapter_load_seconds",
+        "owq_step_seconds",
     ):
         assert name in text
     assert metric(url, "owq_adapters_loaded") == 3
