@@ -28,6 +28,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from serving_clients import (
     PROMPTS,
     START_TIMEOUT_S,
@@ -146,6 +148,33 @@ def client_run(url: str, clients: int, models: list, args, temperature=0.8, extr
     return run
 
 
+def step_totals(url: str) -> dict[str, tuple[float, float]]:
+    """{adapters label: (seconds, steps)} of the server's decode steps so far (`owq_step_seconds`:
+    0, 1 or 2+ distinct adapters in the batch)."""
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    out: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("owq_step_seconds_") and s.labels.get("phase") == "decode":
+                seconds, steps = out.get(s.labels["adapters"], (0.0, 0.0))
+                if s.name.endswith("_sum"):
+                    out[s.labels["adapters"]] = (seconds + s.value, steps)
+                elif s.name.endswith("_count"):
+                    out[s.labels["adapters"]] = (seconds, steps + s.value)
+    return out
+
+
+def step_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean decode step (ms) between two `step_totals`, by the label's meaning in the loads."""
+    names = {"0": "base", "1": "one adapter", "2+": "distinct adapters"}
+    out = {}
+    for label, (seconds, steps) in after.items():
+        s0, n0 = before.get(label, (0.0, 0.0))
+        if steps > n0:
+            out[names.get(label, label)] = 1e3 * (seconds - s0) / (steps - n0)
+    return out
+
+
 def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]) -> list[Scenario]:
     many = args.clients
     batch1 = {"owq": client_run(owq_url, 1, [None], args, temperature=0.0)}
@@ -171,7 +200,10 @@ def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]) -> li
         "llama.cpp": f"llama.cpp, {many} clients",
     }
     adapters = {"owq-adapters": many, "owq-one-adapter": 1}
-    for side, rounds in interleave(load, args.load_rounds).items():
+    before = step_totals(owq_url)
+    loads = interleave(load, args.load_rounds)
+    args.decode_step_ms = step_means_ms(before, step_totals(owq_url))
+    for side, rounds in loads.items():
         server = "owq" if side.startswith("owq") else side
         out.append(median_of(labels[side], server, many, adapters.get(side, 0), rounds))
     return out
@@ -298,6 +330,10 @@ def main(argv=None) -> int:
     with open(log_path, "w") as log:
         rows, rss = run(args, log, notes)
     notes.append(f"owq serve peak RSS {rss:.0f} MiB")
+    steps = getattr(args, "decode_step_ms", {})
+    if steps:
+        shown = ", ".join(f"{name} {ms:.1f}" for name, ms in steps.items())
+        notes.append(f"owq decode step inside the server during the loads, mean ms: {shown}")
     notes.append(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     checks = floors(rows, args.clients)
     print_table(rows, notes)
@@ -309,6 +345,7 @@ def main(argv=None) -> int:
     report = {
         "ckpt": str(args.ckpt), **{k: getattr(args, k) for k in keys},
         "cpu_count": os.cpu_count(), "owq_peak_rss_mib": rss,
+        "owq_decode_step_ms": getattr(args, "decode_step_ms", {}),
         "scenarios": [asdict(s) for s in rows], "floors": checks, "notes": notes,
         "server_log": str(log_path),
     }  # fmt: skip

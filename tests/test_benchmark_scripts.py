@@ -108,3 +108,12 @@ def test_a_stream_counts_its_tokens(chunks, tokens, stamped):
 
     stream = asyncio.run(main())
     assert stream.tokens == tokens and len(stream.gaps) == stamped - 1
+
+
+def test_step_means_are_the_difference_of_two_scrapes():
+    from serving import step_means_ms
+
+    before = {"0": (1.0, 10.0), "2+": (0.5, 5.0)}
+    after = {"0": (2.0, 30.0), "1": (0.3, 6.0), "2+": (0.5, 5.0)}
+    means = step_means_ms(before, after)
+    assert means == pytest.approx({"base": 50.0, "one adapter": 50.0})
