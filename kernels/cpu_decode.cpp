@@ -59,6 +59,31 @@ void axpy(float* acc, const float* row, float a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += a * row[i];
 }
 
+// acc[0:n] += a[0]·rows[0][0:n] + ... + a[m-1]·rows[m-1][0:n], m <= 4, each element summed in
+// that order as m calls of `axpy` would (the same bits), but acc read and written once.
+void axpy_rows(float* acc, const at::Half* const* rows, const float* a, int64_t m, int64_t n) {
+  int64_t i = 0;
+#ifdef OWQ_F16C
+  if (m == 4) {
+    const __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]);
+    const __m256 a2 = _mm256_set1_ps(a[2]), a3 = _mm256_set1_ps(a[3]);
+    for (; i + 8 <= n; i += 8) {
+      __m256 s = _mm256_loadu_ps(acc + i);
+      s = _mm256_fmadd_ps(a0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rows[0] + i))), s);
+      s = _mm256_fmadd_ps(a1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rows[1] + i))), s);
+      s = _mm256_fmadd_ps(a2, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rows[2] + i))), s);
+      s = _mm256_fmadd_ps(a3, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(rows[3] + i))), s);
+      _mm256_storeu_ps(acc + i, s);
+    }
+  }
+#endif
+  for (int64_t r = 0; r < m; ++r) axpy(acc + i, rows[r] + i, a[r], n - i);
+}
+
+void axpy_rows(float* acc, const float* const* rows, const float* a, int64_t m, int64_t n) {
+  for (int64_t r = 0; r < m; ++r) axpy(acc, rows[r], a[r], n);
+}
+
 float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -99,9 +124,21 @@ void weak_rows(float* y, const float* x, int64_t in, const Linear& l, const T* t
         a[j] = x[b * in + idx[j]];
         if (half && slot != 0) a[j] = static_cast<float>(static_cast<at::Half>(a[j]));
       }
-      for (int64_t r = 0; r < spans; ++r) {  // a fused layer's zeros outside its parts: skipped
-        const int64_t j = span[3 * r], first = span[3 * r + 1], width = span[3 * r + 2];
-        axpy(acc.data() + first, table + (slot * k + j) * out + first, a[j], width);
+      // a fused layer's zeros outside its parts are skipped; up to 4 rows of one part at once
+      for (int64_t r = 0; r < spans;) {
+        const int64_t first = span[3 * r + 1], width = span[3 * r + 2];
+        const T* rows[4];
+        float coef[4];
+        int64_t m = 0;
+        for (; m < 4 && r + m < spans && span[3 * (r + m) + 1] == first &&
+               span[3 * (r + m) + 2] == width;
+             ++m) {
+          const int64_t j = span[3 * (r + m)];
+          rows[m] = table + (slot * k + j) * out + first;
+          coef[m] = a[j];
+        }
+        axpy_rows(acc.data() + first, rows, coef, m, width);
+        r += m;
       }
       float* yb = y + b * out;
       for (int64_t i = 0; i < out; ++i) yb[i] += acc[i];
