@@ -130,7 +130,7 @@ def body(
     temperature: float = 0.8,
     extra: dict | None = None,
 ) -> dict:
-    """A streamed completion; `extra` adds server-specific fields (FULL_LENGTH)."""
+    """A streamed completion; `extra` adds server-specific fields (`full_length`)."""
     prompt = PROMPTS[prompt_i % len(PROMPTS)]
     out = dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=prompt_i)
     return out | {"stream": True} | ({"model": model} if model else {}) | (extra or {})

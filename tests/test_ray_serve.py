@@ -200,7 +200,7 @@ def kill_replica(replica: str) -> None:
 
 
 def long_request(cluster: Cluster, model: str, seed: int) -> httpx.Response:
-    return complete(cluster, model, max_tokens=LONG, temperature=1.0, seed=seed)
+    return complete(cluster, model, max_tokens=LONG, temperature=1.0, seed=seed, ignore_eos=True)
 
 
 def steady_client(cluster: Cluster, model: str, count: int) -> list[int]:
@@ -242,7 +242,9 @@ def test_killing_a_replica_loses_only_its_requests_in_flight(cluster):
     victim_adapter = ADAPTERS[0]
     victim = home[victim_adapter]
     survivor_adapter = next(a for a, r in home.items() if r != victim)
-    body = {"prompt": PROMPT, "max_tokens": LONG, "model": victim_adapter, "stream": True}
+    # every stream runs its LONG tokens: none may end early at an EOS before the kill
+    body = {"prompt": PROMPT, "max_tokens": LONG, "model": victim_adapter, "stream": True,
+            "ignore_eos": True}  # fmt: skip
     url = f"{cluster.url}/v1/completions"
     with ThreadPoolExecutor(10) as pool, contextlib.ExitStack() as streams:
         steady = pool.submit(steady_client, cluster, survivor_adapter, 10)

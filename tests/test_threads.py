@@ -18,29 +18,30 @@ from owq.threads import single_thread
 SHAPE = (64, 4096)  # big enough that torch splits a check of it across threads
 
 
-def thread_count() -> int:
-    return len(os.listdir("/proc/self/task"))
+def thread_ids() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
 
 
 def on_new_thread(work) -> int:
-    """Threads the process gains by running `work` on a helper thread that stays alive (as an
-    executor's does)."""
+    """Threads started (and alive after) while `work` ran on a helper thread that stays alive
+    (as an executor's does): new thread ids, not the count, which a thread an earlier test left
+    behind may lower by ending meanwhile."""
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: None).result()
-        before = thread_count()
+        before = thread_ids()
         pool.submit(work).result()
-        return thread_count() - before
+        return len(thread_ids() - before)
 
 
 async def load_counting(registry: AdapterRegistry, name: str):
     """The adapter loaded as a server loads it (on its event loop's executor thread), and the
-    threads the process gained meanwhile, counted while that thread is still alive."""
+    threads started meanwhile, counted while that thread is still alive."""
     with ThreadPoolExecutor(1) as pool:
         asyncio.get_running_loop().set_default_executor(pool)
         await asyncio.to_thread(lambda: None)
-        before = thread_count()
+        before = thread_ids()
         handle = await registry.resolve(name)
-        return handle, thread_count() - before
+        return handle, len(thread_ids() - before)
 
 
 def test_a_helper_thread_loading_an_adapter_opens_no_openmp_team(tmp_path):
