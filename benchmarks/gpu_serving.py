@@ -69,10 +69,10 @@ def scenarios(args, ckpt: Path, log) -> list[Scenario]:
         proc, url = cuda_server(ckpt, Path(tmp), max(args.clients), log)
         try:
             asyncio.run(run_clients(url, Scenario("warm-up", "owq-cuda", 1, 1), [body(0, 4)], 1))
+            full = full_length("owq", args.max_tokens)
             for clients in args.clients:
                 for adapters in sorted({1, min(ADAPTERS, clients)}):
                     models = [names[i % adapters] for i in range(clients)]
-                    full = full_length("owq", args.max_tokens)
                     bodies = [body(i, args.max_tokens, m, extra=full) for i, m in enumerate(models)]
                     name = f"cuda, {clients} clients, {adapters} adapter(s)"
                     sc = Scenario(name, "owq-cuda", clients, adapters)

@@ -29,11 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from serving_clients import (
     START_TIMEOUT_S,
     Scenario,
     body,
+    histogram_totals,
     make_adapters,
     owq_serve,
     print_table,
@@ -91,10 +91,7 @@ def wait_replicas(url: str, count: int, timeout_s: float = START_TIMEOUT_S) -> N
 
 def adapter_loads(url: str) -> tuple[int, float]:
     """(adapter loads, their seconds) summed over the replicas of the merged /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-    count = sum(s.value for s in samples if s.name == f"{LOADS_METRIC}_count")
-    seconds = sum(s.value for s in samples if s.name == f"{LOADS_METRIC}_sum")
+    seconds, count = histogram_totals(url, LOADS_METRIC).get(None, (0.0, 0.0))
     return int(count), seconds
 
 

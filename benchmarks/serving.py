@@ -28,14 +28,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import httpx
-from prometheus_client.parser import text_string_to_metric_families
 from serving_clients import (
     PROMPTS,
     START_TIMEOUT_S,
     Scenario,
     body,
     full_length,
+    histogram_totals,
     make_adapters,
     owq_serve,
     print_table,
@@ -151,17 +150,7 @@ def client_run(url: str, clients: int, models: list, args, temperature=0.8, extr
 def step_totals(url: str) -> dict[str, tuple[float, float]]:
     """{adapters label: (seconds, steps)} of the server's decode steps so far (`owq_step_seconds`:
     0, 1 or 2+ distinct adapters in the batch)."""
-    text = httpx.get(f"{url}/metrics", timeout=60).text
-    out: dict[str, tuple[float, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("owq_step_seconds_") and s.labels.get("phase") == "decode":
-                seconds, steps = out.get(s.labels["adapters"], (0.0, 0.0))
-                if s.name.endswith("_sum"):
-                    out[s.labels["adapters"]] = (seconds + s.value, steps)
-                elif s.name.endswith("_count"):
-                    out[s.labels["adapters"]] = (seconds, steps + s.value)
-    return out
+    return histogram_totals(url, "owq_step_seconds", by="adapters", phase="decode")
 
 
 def step_means_ms(before: dict, after: dict) -> dict[str, float]:
@@ -175,7 +164,8 @@ def step_means_ms(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
-def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]) -> list[Scenario]:
+def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]):
+    """(rows, owq's mean decode step in ms during the loads, by what its batch was on)."""
     many = args.clients
     batch1 = {"owq": client_run(owq_url, 1, [None], args, temperature=0.0)}
     if llama_url:
@@ -202,11 +192,11 @@ def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]) -> li
     adapters = {"owq-adapters": many, "owq-one-adapter": 1}
     before = step_totals(owq_url)
     loads = interleave(load, args.load_rounds)
-    args.decode_step_ms = step_means_ms(before, step_totals(owq_url))
+    step_ms = step_means_ms(before, step_totals(owq_url))
     for side, rounds in loads.items():
         server = "owq" if side.startswith("owq") else side
         out.append(median_of(labels[side], server, many, adapters.get(side, 0), rounds))
-    return out
+    return out, step_ms
 
 
 # ---- floors ----------------------------------------------------------------------------------
@@ -291,7 +281,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args, log, notes: list[str]) -> tuple[list[Scenario], float]:
+def run(args, log, notes: list[str]) -> tuple[list[Scenario], float, dict[str, float]]:
+    """(rows, owq's peak RSS in MiB, its mean decode step in ms by what the batch was on)."""
     llama = None
     if args.no_llama_cpp:
         notes.append("llama.cpp reference skipped (--no-llama-cpp)")
@@ -309,8 +300,8 @@ def run(args, log, notes: list[str]) -> tuple[list[Scenario], float]:
                 if target:
                     warm = Scenario("warm-up", "", 1, 0)
                     asyncio.run(run_clients(target, warm, [body(0, 4)], 1))
-            rows = scenarios(args, url, llama[1] if llama else None, names)
-            return rows, peak_rss_mib(proc.pid)
+            rows, step_ms = scenarios(args, url, llama[1] if llama else None, names)
+            return rows, peak_rss_mib(proc.pid), step_ms
         finally:
             stop(proc)
             if llama:
@@ -328,11 +319,10 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     with open(log_path, "w") as log:
-        rows, rss = run(args, log, notes)
+        rows, rss, step_ms = run(args, log, notes)
     notes.append(f"owq serve peak RSS {rss:.0f} MiB")
-    steps = getattr(args, "decode_step_ms", {})
-    if steps:
-        shown = ", ".join(f"{name} {ms:.1f}" for name, ms in steps.items())
+    if step_ms:
+        shown = ", ".join(f"{name} {ms:.1f}" for name, ms in step_ms.items())
         notes.append(f"owq decode step inside the server during the loads, mean ms: {shown}")
     notes.append(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     checks = floors(rows, args.clients)
@@ -345,7 +335,7 @@ def main(argv=None) -> int:
     report = {
         "ckpt": str(args.ckpt), **{k: getattr(args, k) for k in keys},
         "cpu_count": os.cpu_count(), "owq_peak_rss_mib": rss,
-        "owq_decode_step_ms": getattr(args, "decode_step_ms", {}),
+        "owq_decode_step_ms": step_ms,
         "scenarios": [asdict(s) for s in rows], "floors": checks, "notes": notes,
         "server_log": str(log_path),
     }  # fmt: skip

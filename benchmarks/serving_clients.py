@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 PROMPTS = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune",
@@ -140,6 +141,23 @@ def full_length(server: str, max_tokens: int) -> dict:
     """The fields that make `server` decode all `max_tokens` past EOS, so that loads compare
     equal work: owq's `ignore_eos`, llama-cpp-python's `min_tokens` (which masks EOS)."""
     return {"min_tokens": max_tokens} if server == "llama.cpp" else {"ignore_eos": True}
+
+
+def histogram_totals(url: str, name: str, by: str | None = None, **match: str) -> dict:
+    """{value of label `by` (None: all summed): (seconds, count)} of histogram `name` on
+    `url`/metrics, over its samples whose labels have the `match` values (replicas summed)."""
+    out: dict = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=60).text):
+        for s in family.samples:
+            if s.name not in (f"{name}_sum", f"{name}_count"):
+                continue
+            if any(s.labels.get(k) != v for k, v in match.items()):
+                continue
+            key = s.labels.get(by) if by else None
+            seconds, count = out.get(key, (0.0, 0.0))
+            out[key] = (seconds + s.value, count) if s.name.endswith("_sum") else (
+                seconds, count + s.value)  # fmt: skip
+    return out
 
 
 def free_port() -> int:

@@ -117,3 +117,22 @@ def test_step_means_are_the_difference_of_two_scrapes():
     after = {"0": (2.0, 30.0), "1": (0.3, 6.0), "2+": (0.5, 5.0)}
     means = step_means_ms(before, after)
     assert means == pytest.approx({"base": 50.0, "one adapter": 50.0})
+
+
+def test_histogram_totals_read_the_exposition_by_label(monkeypatch):
+    import httpx
+    import serving_clients
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    registry = CollectorRegistry()
+    steps = Histogram("owq_step_seconds", "", ["phase", "adapters"], registry=registry)
+    for phase, adapters, seconds in [("decode", "0", 0.04), ("decode", "0", 0.06),
+                                     ("decode", "2+", 0.05), ("prefill", "0", 0.5)]:  # fmt: skip
+        steps.labels(phase, adapters).observe(seconds)
+    page = httpx.Response(200, content=generate_latest(registry))
+    monkeypatch.setattr(serving_clients.httpx, "get", lambda *a, **k: page)
+    decode = serving_clients.histogram_totals("http://owq", "owq_step_seconds", by="adapters",
+                                              phase="decode")  # fmt: skip
+    assert decode == {"0": pytest.approx((0.10, 2.0)), "2+": pytest.approx((0.05, 1.0))}
+    every = serving_clients.histogram_totals("http://owq", "owq_step_seconds")
+    assert every == {None: pytest.approx((0.65, 4.0))}
