@@ -128,19 +128,18 @@ class Scheduler:
         adapters = adapter_count(seqs)
         start = time.perf_counter()
         run(seqs)
-        if self.observer is not None:
-            try:
-                self.observer.on_phase(phase, adapters, time.perf_counter() - start)
-            except Exception:  # metrics must not stop the model
-                log.exception("observer.on_phase failed")
+        self._observe("on_phase", phase, adapters, time.perf_counter() - start)
 
     def report(self) -> None:
+        self._observe("on_step", len(self.running) + len(self.prefilling), self._queued)
+
+    def _observe(self, hook: str, *args) -> None:
+        """observer.hook(*args), if there is an observer; metrics must not stop the model."""
         if self.observer is not None:
             try:
-                active = len(self.running) + len(self.prefilling)
-                self.observer.on_step(active, self._queued)
-            except Exception:  # metrics must not stop the model
-                log.exception("observer.on_step failed")
+                getattr(self.observer, hook)(*args)
+            except Exception:
+                log.exception("observer.%s failed", hook)
 
     def fail_all(self, error: Exception, include_waiting: bool = False) -> None:
         """End every admitted request (and the waiting ones) with `error`."""
