@@ -7,8 +7,9 @@ reversed every round). The base tree is `git archive REV` laid out as the instal
 (`owq`, `owq.kernels`, `owq.server`, `owq.quantizer`), put first on the worker's PYTHONPATH.
 A case is a running batch (rows) and what its rows are on: `base` (slot 0), `one` (every row on
 one adapter), `distinct` (row i on adapter i; adapters are random perturbations of the base's
-columns, filled in every layer's slot table). Prints a table of median ms per step and the
-median of the per-round speed-ups (base ms / this ms), writes JSON.
+columns, filled in every layer's slot table) or `shuffled` (the same, rows in a random order of
+slots, as a server's rows come). Prints a table of median ms per step and the median of the
+per-round speed-ups (base ms / this ms), writes JSON.
 
 examples:
   python benchmarks/ab_decode.py --base HEAD~1                       # rows 1 and 16 on the base
@@ -73,6 +74,7 @@ def worker(ckpt: Path, rows: int, on: str) -> None:
         "base": torch.zeros(rows, dtype=torch.long),
         "one": torch.ones(rows, dtype=torch.long),
         "distinct": torch.arange(rows) % SLOTS + 1,
+        "shuffled": torch.randperm(rows, generator=gen) % SLOTS + 1,
     }[on]
     token = torch.full((rows, 1), 5)
     with torch.inference_mode():
@@ -105,7 +107,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--base", help="git revision to compare against (required)")
     p.add_argument("--ckpt", type=Path, default=None, help="owq checkpoint (default: built-in)")
-    p.add_argument("--cases", default="1:base,16:base", help="ROWS:ON,... (ON: base|one|distinct)")
+    cases = "ROWS:ON,... (ON: base|one|distinct|shuffled)"
+    p.add_argument("--cases", default="1:base,16:base", help=cases)
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=20, help="decode steps per worker per round")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/ab_decode.json"))

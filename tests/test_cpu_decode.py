@@ -150,6 +150,42 @@ def test_rows_do_not_depend_on_the_step_they_share():
         torch.testing.assert_close(alone[0], together[row], rtol=0, atol=0)
 
 
+def test_rows_in_any_order_on_two_threads():
+    """16 rows on shuffled slots, with enough weak columns that two threads share out the weak
+    rows: every row's bits the same whatever the order of the rows in the step, and the same
+    as that row alone in a step (where the calling thread sums it alone)."""
+    rt, _ = setup("llama", -1, 3, weak=lambda i: 16)
+    gen = torch.Generator().manual_seed(7)
+    rows, threads = 16, torch.get_num_threads()
+    slots = torch.randint(0, 3, (rows,), generator=gen)
+    x = rt.vocab.embed(torch.randint(1, 128, (rows, 1), generator=gen))[:, 0]
+    positions = torch.zeros(rows, dtype=torch.long)
+    order = torch.randperm(rows, generator=gen)
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            cache = KVCache(rt.cache_shape(rows))
+            together = rt.fused.step(x, positions, torch.arange(rows), cache.k, cache.v, slots)
+            cache = KVCache(rt.cache_shape(rows))
+            shuffled = rt.fused.step(x[order], positions, order, cache.k, cache.v, slots[order])
+            cache = KVCache(rt.cache_shape(rows))
+            base = rt.fused.step(x, positions, torch.arange(rows), cache.k, cache.v, slots * 0)
+            alone = []  # one row a step: the weak rows on the calling thread alone
+            for r in range(rows):
+                cache = KVCache(rt.cache_shape(rows))
+                one = slice(r, r + 1)
+                step = rt.fused.step(x[one], positions[one], torch.tensor([r]), cache.k,
+                                     cache.v, slots[one])  # fmt: skip
+                alone.append(step[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert rows * 16 * rt.blocks[0].gate_up.out_features >= 1 << 15  # the threaded weak rows
+    torch.testing.assert_close(shuffled, together[order], rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack(alone), together, rtol=0, atol=0)
+    moved = (together - base).abs().amax(-1)
+    assert bool((moved[slots > 0] > 0).all()) and not bool(moved[slots == 0].any()), moved
+
+
 def test_rows_on_the_base_equal_no_slots():
     rt, tokens = setup("llama", -1, 3)
     base = torch.zeros(len(LENGTHS), dtype=torch.long)
