@@ -138,6 +138,13 @@ def interleave(sides: dict, rounds: int) -> dict[str, list[Scenario]]:
     return out
 
 
+def round_ratios(a: list[Scenario], b: list[Scenario], key: str = "tokens_per_s") -> list[float]:
+    """a's `key` over b's in each round (sides run in the same minute of a round): the spread
+    that a ratio of medians hides. Rounds where either side failed are left out."""
+    return [getattr(x, key) / getattr(y, key) for x, y in zip(a, b, strict=True)
+            if not x.errors and not y.errors and getattr(y, key)]  # fmt: skip
+
+
 def client_run(url: str, clients: int, models: list, args, temperature=0.8, extra=None):
     def run() -> Scenario:
         bodies = [body(i, args.max_tokens, m, temperature, extra) for i, m in enumerate(models)]
@@ -165,7 +172,8 @@ def step_means_ms(before: dict, after: dict) -> dict[str, float]:
 
 
 def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]):
-    """(rows, owq's mean decode step in ms during the loads, by what its batch was on)."""
+    """(rows, {"owq_decode_step_ms": owq's mean decode step during the loads by what its batch
+    was on, "round_ratios": each adapter load's tokens/s over the base's, round by round})."""
     many = args.clients
     batch1 = {"owq": client_run(owq_url, 1, [None], args, temperature=0.0)}
     if llama_url:
@@ -196,7 +204,8 @@ def scenarios(args, owq_url: str, llama_url: str | None, names: list[str]):
     for side, rounds in loads.items():
         server = "owq" if side.startswith("owq") else side
         out.append(median_of(labels[side], server, many, adapters.get(side, 0), rounds))
-    return out, step_ms
+    ratios = {labels[side]: round_ratios(loads[side], loads["owq"]) for side in adapters}
+    return out, {"owq_decode_step_ms": step_ms, "round_ratios": ratios}
 
 
 # ---- floors ----------------------------------------------------------------------------------
@@ -281,8 +290,8 @@ def parse_args(argv=None):
     return args
 
 
-def run(args, log, notes: list[str]) -> tuple[list[Scenario], float, dict[str, float]]:
-    """(rows, owq's peak RSS in MiB, its mean decode step in ms by what the batch was on)."""
+def run(args, log, notes: list[str]) -> tuple[list[Scenario], float, dict]:
+    """(rows, owq's peak RSS in MiB, what `scenarios` measured inside the loads)."""
     llama = None
     if args.no_llama_cpp:
         notes.append("llama.cpp reference skipped (--no-llama-cpp)")
@@ -300,8 +309,8 @@ def run(args, log, notes: list[str]) -> tuple[list[Scenario], float, dict[str, f
                 if target:
                     warm = Scenario("warm-up", "", 1, 0)
                     asyncio.run(run_clients(target, warm, [body(0, 4)], 1))
-            rows, step_ms = scenarios(args, url, llama[1] if llama else None, names)
-            return rows, peak_rss_mib(proc.pid), step_ms
+            rows, measured = scenarios(args, url, llama[1] if llama else None, names)
+            return rows, peak_rss_mib(proc.pid), measured
         finally:
             stop(proc)
             if llama:
@@ -319,11 +328,16 @@ def main(argv=None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     with open(log_path, "w") as log:
-        rows, rss, step_ms = run(args, log, notes)
+        rows, rss, measured = run(args, log, notes)
     notes.append(f"owq serve peak RSS {rss:.0f} MiB")
-    if step_ms:
+    if step_ms := measured["owq_decode_step_ms"]:
         shown = ", ".join(f"{name} {ms:.1f}" for name, ms in step_ms.items())
         notes.append(f"owq decode step inside the server during the loads, mean ms: {shown}")
+    for name, ratios in measured["round_ratios"].items():
+        if ratios:
+            spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+            median = statistics.median(ratios)
+            notes.append(f"{name} / base tokens/s, round by round: median {median:.2f}, {spread}")
     notes.append(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     checks = floors(rows, args.clients)
     print_table(rows, notes)
@@ -335,7 +349,7 @@ def main(argv=None) -> int:
     report = {
         "ckpt": str(args.ckpt), **{k: getattr(args, k) for k in keys},
         "cpu_count": os.cpu_count(), "owq_peak_rss_mib": rss,
-        "owq_decode_step_ms": step_ms,
+        **measured,
         "scenarios": [asdict(s) for s in rows], "floors": checks, "notes": notes,
         "server_log": str(log_path),
     }  # fmt: skip

@@ -119,6 +119,20 @@ def test_step_means_are_the_difference_of_two_scrapes():
     assert means == pytest.approx({"base": 50.0, "one adapter": 50.0})
 
 
+def test_round_ratios_pair_the_sides_round_by_round_and_skip_failed_rounds():
+    from serving import round_ratios
+    from serving_clients import Scenario
+
+    def load(*rates, failed=()):
+        return [Scenario("r", "owq", 16, 0, tokens_per_s=t, errors=["boom"] if i in failed else [])
+                for i, t in enumerate(rates)]  # fmt: skip
+
+    base = load(300.0, 200.0, 250.0, 100.0, failed=(3,))
+    adapters = load(285.0, 210.0, 0.0, 90.0)
+    assert round_ratios(adapters, base) == pytest.approx([0.95, 1.05, 0.0])
+    assert round_ratios(base, load(0.0, 100.0, 125.0, 50.0)) == pytest.approx([2.0, 2.0])
+
+
 def test_histogram_totals_read_the_exposition_by_label(monkeypatch):
     import httpx
     import serving_clients
