@@ -1,5 +1,6 @@
-// Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, RoPE, grouped-query
-// attention over the KV cache, gated SiLU MLP), one token per row, every projection on
+// Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, optional per-head q/k
+// RMSNorm (Qwen3), RoPE, grouped-query attention over the KV cache, gated SiLU MLP), one token
+// per row, every projection on
 // torch's 4-bit kernel plus its weak columns. Built and loaded by `cpu_decode.py`; twin: the
 // runtime's eager block (`server/runtime/llama.py`), which this file must match to fp32
 // rounding. One call per step instead of ~60 eager ops per block: what remains of a step is
@@ -38,6 +39,7 @@ struct Linear {
 struct Block {
   Linear qkv, o, gate_up, down;
   at::Tensor attn_norm, mlp_norm;  // fp32 [E]
+  at::Tensor q_norm, k_norm;       // fp32 [D] per-head norms of q and k before RoPE, or empty
 };
 
 bool given(const at::Tensor& t) { return t.defined() && t.numel() > 0; }
@@ -179,8 +181,8 @@ void rope(float* v, const float* cos, const float* ssin, int64_t d, float* tmp) 
 class Stack {
  public:
   Stack(std::vector<std::vector<at::Tensor>> tensors, std::vector<std::vector<int64_t>> ints,
-        std::vector<at::Tensor> norms, at::Tensor cos, at::Tensor ssin, int64_t heads,
-        int64_t kv_heads, int64_t head_dim, double eps)
+        std::vector<at::Tensor> norms, std::vector<at::Tensor> qk_norms, at::Tensor cos,
+        at::Tensor ssin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps)
       : cos_(cos.contiguous()), ssin_(ssin.contiguous()), heads_(heads), kv_heads_(kv_heads),
         d_(head_dim), eps_(static_cast<float>(eps)) {
     TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == ssin_.sizes() && cos_.size(1) == head_dim &&
@@ -190,6 +192,8 @@ class Stack {
     width_ = norms[0].numel();
     TORCH_CHECK(tensors.size() == ints.size() && tensors.size() % 4 == 0, "4 linears a block");
     TORCH_CHECK(norms.size() * 2 == tensors.size(), "2 norms a block");
+    TORCH_CHECK(qk_norms.empty() || qk_norms.size() == norms.size(),
+                "per-head q/k norms: none, or 2 a block");
     std::vector<Linear> linears;
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
@@ -220,9 +224,17 @@ class Stack {
       TORCH_CHECK(norms[2 * b].numel() == width_ && norms[2 * b + 1].numel() == width_ &&
                       linears[4 * b + 1].out == width_ && linears[4 * b + 3].out == width_,
                   "block ", b, ": norms and outputs of another width than ", width_);
-      blocks_.push_back({linears[4 * b], linears[4 * b + 1], linears[4 * b + 2],
-                         linears[4 * b + 3], norms[2 * b].contiguous(),
-                         norms[2 * b + 1].contiguous()});
+      Block blk{linears[4 * b], linears[4 * b + 1], linears[4 * b + 2], linears[4 * b + 3],
+                norms[2 * b].contiguous(), norms[2 * b + 1].contiguous()};
+      if (!qk_norms.empty()) {
+        blk.q_norm = qk_norms[2 * b].contiguous();
+        blk.k_norm = qk_norms[2 * b + 1].contiguous();
+        TORCH_CHECK(blk.q_norm.numel() == head_dim && blk.k_norm.numel() == head_dim &&
+                        blk.q_norm.scalar_type() == at::kFloat &&
+                        blk.k_norm.scalar_type() == at::kFloat,
+                    "block ", b, ": q/k norms not fp32 [", head_dim, "]");
+      }
+      blocks_.push_back(blk);
     }
   }
 
@@ -270,7 +282,7 @@ class Stack {
       const Block& blk = blocks_[i];
       norm_rows(hp, xp, blk.attn_norm, rows, width);
       at::Tensor qkv = project(blk.qkv, h, tables[4 * i], slot);
-      attend(qkv, attn, pos, crow, k[i], v[i]);
+      attend(qkv, attn, pos, crow, k[i], v[i], blk.q_norm, blk.k_norm);
       at::Tensor o = project(blk.o, attn, tables[4 * i + 1], slot);
       x.add_(o);
       norm_rows(hp, xp, blk.mlp_norm, rows, width);
@@ -311,11 +323,12 @@ class Stack {
     return out;
   }
 
-  // RoPE on each row's q and k, k and v written at the row's position of its cache row, then
-  // (every row written) each query head over its key head's positions 0 .. pos into attn
-  // [B, Hq·D].
+  // Each row's q and k heads normed (where the block has q/k norms) and rotated, k and v
+  // written at the row's position of its cache row, then (every row written) each query head
+  // over its key head's positions 0 .. pos into attn [B, Hq·D].
   void attend(at::Tensor& qkv, at::Tensor& attn, const int64_t* pos, const int64_t* crow,
-              const at::Tensor& kc, const at::Tensor& vc) {
+              const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& q_norm,
+              const at::Tensor& k_norm) {
     const int64_t rows = qkv.size(0), width = qkv.size(1), d = d_;
     const int64_t hq = heads_, hkv = kv_heads_, groups = hq / hkv;
     TORCH_CHECK(kc.dim() == 4 && kc.size(1) == hkv && kc.size(3) == d, "cache of another shape");
@@ -332,12 +345,18 @@ class Stack {
     float* vp = vc.data_ptr<float>();
     const float* cos = cos_.data_ptr<float>();
     const float* ssin = ssin_.data_ptr<float>();
+    const float* qn = given(q_norm) ? q_norm.data_ptr<float>() : nullptr;
+    const float* kn = given(k_norm) ? k_norm.data_ptr<float>() : nullptr;
     std::vector<float> tmp(d);
     for (int64_t b = 0; b < rows; ++b) {
       float* row = q + b * width;
       const float* c = cos + pos[b] * d;
       const float* s = ssin + pos[b] * d;
-      for (int64_t h = 0; h < hq + hkv; ++h) rope(row + h * d, c, s, d, tmp.data());
+      for (int64_t h = 0; h < hq + hkv; ++h) {
+        const float* w = h < hq ? qn : kn;
+        if (w) rms_norm(row + h * d, row + h * d, w, d, eps_);  // in place: x[i] read first
+        rope(row + h * d, c, s, d, tmp.data());
+      }
       for (int64_t h = 0; h < hkv; ++h) {
         const int64_t where = ((crow[b] * hkv + h) * ctx + pos[b]) * d;
         std::copy(row + (hq + h) * d, row + (hq + h + 1) * d, kp + where);
@@ -390,7 +409,7 @@ class Stack {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Stack>(m, "Stack")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<std::vector<int64_t>>,
-                          std::vector<at::Tensor>, at::Tensor, at::Tensor, int64_t, int64_t,
-                          int64_t, double>())
+                          std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
+                          at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("step", &Stack::step, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

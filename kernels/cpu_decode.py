@@ -1,7 +1,8 @@
 """Fused CPU step of a stack of pre-norm RoPE blocks (`cpu_decode.cpp`).
 
 One call runs every block of a fast step, one token per row: RMSNorm, each projection on
-torch's 4-bit kernel plus its weak columns from each row's own slot, RoPE, the KV-cache write,
+torch's 4-bit kernel plus its weak columns from each row's own slot, per-head q/k RMSNorm where
+the model has it (Qwen3), RoPE, the KV-cache write,
 grouped-query attention over each row's positions, the gated SiLU MLP, the residuals. A decode
 step's rows are one token of each sequence; a prompt's tokens are rows of one cache row.
 The eager block does ~60 small torch ops per block; at batch 1 their dispatch, not the bytes
@@ -146,15 +147,18 @@ class DecodeStack:
     the eager blocks) where a layer's plan changed since the stack was built."""
 
     def __init__(self, module, layers: Sequence[OWQLinear], ops: Sequence[tuple],
-                 norms: Sequence[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                 heads: int, kv_heads: int, head_dim: int, eps: float):  # fmt: skip
-        # ops: each layer's `operands`, none of them None (`build`)
+                 norms: Sequence[torch.Tensor], qk_norms: Sequence[torch.Tensor],
+                 cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                 eps: float):  # fmt: skip
+        # ops: each layer's `operands`, none of them None (`build`); norms: two a block (before
+        # attention, before the MLP); qk_norms: none, or two a block (per-head q, k; Qwen3)
         self.layers = list(layers)
         self.plans = [layer.cpu for layer in layers]
         self.stale = False  # warned once that a plan changed under the stack
         self.stack = module.Stack(
             [op[0] for op in ops], [op[1] for op in ops], [n.float().contiguous() for n in norms],
-            cos.float().contiguous(), sin.float().contiguous(), heads, kv_heads, head_dim, eps,
+            [n.float().contiguous() for n in qk_norms], cos.float().contiguous(),
+            sin.float().contiguous(), heads, kv_heads, head_dim, eps,
         )  # fmt: skip
 
     @classmethod

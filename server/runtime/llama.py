@@ -124,19 +124,20 @@ class LlamaRuntime(Runtime):
 
     def fuse_decode(self) -> None:
         """The compiled step (`kernels.cpu_decode`) over every block, for decode and prompt
-        steps on the fast path, where the model is on the CPU in fp32 with SiLU, no q/k norms,
-        and every projection on the 4-bit kernel."""
+        steps on the fast path, where the model is on the CPU in fp32 with SiLU (per-head q/k
+        norms or none), and every projection on the 4-bit kernel."""
         self.fused = None
         a = self.args
-        plain = self.blocks[0].qk_norms is None and a.act in ("silu", "swish")
+        plain = a.act in ("silu", "swish")
         if not plain or self.vocab.device.type != "cpu" or self.vocab.dtype != torch.float32:
             return
-        layers, norms = [], []
+        layers, norms, qk_norms = [], [], []
         for b in self.blocks:
             layers += [b.qkv, b.o, b.gate_up, b.down]
             norms += [b.attn_norm, b.mlp_norm]
+            qk_norms += b.qk_norms or []
         self.fused = DecodeStack.build(
-            layers, norms, self.cos, self.sin, a.heads, a.kv_heads, a.head_dim, a.eps
+            layers, norms, qk_norms, self.cos, self.sin, a.heads, a.kv_heads, a.head_dim, a.eps
         )
 
     def _fused_step(self, x, step: StepIndex, cache: KVCache, slots):
