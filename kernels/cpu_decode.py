@@ -2,9 +2,9 @@
 
 One call runs every block of a fast step, one token per row: RMSNorm, each projection on
 torch's 4-bit kernel plus its weak columns from each row's own slot, per-head q/k RMSNorm where
-the model has it (Qwen3), RoPE, the KV-cache write,
-grouped-query attention over each row's positions, the gated SiLU MLP, the residuals. A decode
-step's rows are one token of each sequence; a prompt's tokens are rows of one cache row.
+the model has it (Qwen3), RoPE, the KV-cache write, grouped-query attention over each row's
+positions, the gated SiLU MLP, the residuals. A decode step's rows are one token of each
+sequence; a prompt's tokens are rows of one cache row.
 The eager block does ~60 small torch ops per block; at batch 1 their dispatch, not the bytes
 of the 4-bit codes, was most of a step. Twin: the runtime's eager block
 (`server/runtime/llama.py`), matched to fp32 rounding by the tests for rows on the base and
