@@ -24,10 +24,16 @@
 #define OWQ_F16C 1
 #endif
 
+namespace owq16 {  // cpu_gemm16.cpp
+bool supported();
+at::Tensor mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
+}  // namespace owq16
+
 namespace {
 
 struct Linear {
   at::Tensor packed, scale_zero;  // torch's 4-bit kernel operands
+  at::Tensor codes16, scales16;   // the 16-bit GEMM's operands (`cpu_gemm16.cpp`), or empty
   at::Tensor correction;          // fp32 [groups, out] zero term of 4-bit codes, or empty
   at::Tensor idx;                 // long [k] weak inputs, or empty
   at::Tensor bias;                // fp32 [out], or empty
@@ -92,8 +98,14 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// The dense part of x [B, in] -> [B, out] fp32, as `cpu_ops._int4`, plus the bias.
+// The dense part of x [B, in] -> [B, out] fp32, as `cpu_ops._int4` (or on the 16-bit GEMM
+// where the layer has its operands), plus the bias.
 at::Tensor dense(const Linear& l, const at::Tensor& x) {
+  if (given(l.codes16)) {
+    at::Tensor y = owq16::mm(x, l.codes16, l.scales16);
+    if (given(l.bias)) y.add_(l.bias);
+    return y;
+  }
   at::Tensor xb = x.to(at::kBFloat16);
   at::Tensor y = at::_weight_int4pack_mm_for_cpu(xb, l.packed, l.group, l.scale_zero);
   y = y.to(at::kFloat);
@@ -196,7 +208,8 @@ class Stack {
     std::vector<Linear> linears;
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      TORCH_CHECK(t.size() == 6 && ints[i].size() == 3, "linear ", i, ": 6 tensors, 3 ints");
+      TORCH_CHECK((t.size() == 6 || t.size() == 8) && ints[i].size() == 3, "linear ", i,
+                  ": 6 tensors (8 with the 16-bit GEMM's), 3 ints");
       Linear l;
       l.packed = t[0];
       l.scale_zero = t[1];
@@ -204,6 +217,14 @@ class Stack {
       l.idx = t[3].to(at::kLong).contiguous();
       l.bias = t[4];
       l.spans = t[5].to(at::kLong).contiguous();
+      if (t.size() == 8 && given(t[6])) {
+        TORCH_CHECK(owq16::supported(), "linear ", i, ": the 16-bit GEMM needs AVX-512 VNNI");
+        TORCH_CHECK(t[6].dim() == 3 && t[6].size(0) * 16 == ints[i][2] && t[7].dim() == 2 &&
+                        t[7].size(1) == ints[i][2],
+                    "linear ", i, ": 16-bit GEMM operands of another shape");
+        l.codes16 = t[6].contiguous();
+        l.scales16 = t[7].to(at::kFloat).contiguous();
+      }
       const int64_t* sp = l.spans.data_ptr<int64_t>();
       for (int64_t r = 0; r < l.spans.size(0); ++r) {
         TORCH_CHECK(sp[3 * r] >= 0 && sp[3 * r] < l.idx.numel() && sp[3 * r + 1] >= 0 &&
@@ -411,4 +432,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor,
                           at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("step", &Stack::step, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gemm16_supported", &owq16::supported);
+  m.def("gemm16", &owq16::mm, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -11,7 +11,12 @@ of the 4-bit codes, was most of a step. Twin: the runtime's eager block
 for fp32 slot tables; on fp16 tables the eager bag rounds a row's weak sum to fp16 and this step
 keeps it in fp32 (about 1% of the logits on the tests' random adapters).
 
-`load()` builds the C++ source once per machine with torch's extension builder (a C++ compiler
+`OWQ_CPU_GEMM=int16` (opt-in) gives 3-bit layers (codes stored centred, outputs in 16s) the
+16-bit GEMM of `cpu_gemm16.cpp` where the CPU has AVX-512 VNNI: each row's activations rounded
+to int16 with one scale, exact integer sums (twin: `cpu_ops.int16_twin`); other layers, and
+other CPUs, keep torch's kernel.
+
+`load()` builds the C++ sources once per machine with torch's extension builder (a C++ compiler
 and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch's extension
 cache (`TORCH_EXTENSIONS_DIR`, rebuilt when the source changes), and returns the module; None,
 with one warning, where it cannot be built or `OWQ_CPU_DECODE=0` turns it off. A module built
@@ -35,13 +40,17 @@ from pathlib import Path
 
 import torch
 
+from .cpu_ops import int4_codes
 from .owq_linear import OWQLinear
+from .packing import unpack_zeros
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "cpu_decode.cpp"
+SOURCES = [SOURCE, SOURCE.with_name("cpu_gemm16.cpp")]  # one module
 SWITCH = "OWQ_CPU_DECODE"  # "0": the eager blocks only
 PREBUILT = "OWQ_CPU_DECODE_LIB"  # a module built ahead from this source (the CPU image's)
+GEMM = "OWQ_CPU_GEMM"  # "int16": 3-bit layers on the 16-bit GEMM where the CPU has VNNI
 
 
 def enabled() -> bool:
@@ -107,7 +116,10 @@ def load():
         cflags = flags()
         ldflags = ["-fopenmp"] if "-fopenmp" in cflags else []
         return cpp_extension.load(
-            "owq_cpu_decode", [str(SOURCE)], extra_cflags=cflags, extra_ldflags=ldflags
+            "owq_cpu_decode",
+            [str(p) for p in SOURCES],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: the eager blocks serve
         log.warning("fused CPU decode step unavailable (%s): decode runs the eager blocks", e)
@@ -116,6 +128,33 @@ def load():
 
 def _none() -> torch.Tensor:
     return torch.empty(0)
+
+
+def gemm16_wanted(module) -> bool:
+    """`OWQ_CPU_GEMM=int16` asked for the 16-bit GEMM and this CPU and module have it."""
+    wanted = os.environ.get(GEMM, "") == "int16"
+    return wanted and hasattr(module, "gemm16_supported") and module.gemm16_supported()
+
+
+def gemm16_pack(codes: torch.Tensor) -> torch.Tensor:
+    """int32 codes [N, K] in [0, 16) -> the 16-bit GEMM's layout, uint8 [N/16, K/4, 32]
+    (`cpu_gemm16.cpp`): byte 2l + j of (block, step) = c[16·block + l, 4·step + j] |
+    c[16·block + l, 4·step + 2 + j] << 4."""
+    n, k = codes.shape
+    c = codes.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3)  # [blocks, steps, lane, 4]
+    return (c[..., :2] | (c[..., 2:] << 4)).to(torch.uint8).contiguous().view(n // 16, k // 4, 32)
+
+
+def gemm16_operands(layer: OWQLinear) -> list[torch.Tensor]:
+    """[codes, fp32 scales [groups, out]] of a layer of at most 3 bits (codes stored centred:
+    the GEMM's zero term is 8) whose outputs come in 16s; [] for any other layer."""
+    packed = layer.packed
+    per = packed.in_features if packed.group_size == -1 else packed.group_size
+    if packed.bits > 3 or packed.out_features % 16 or per % 4:
+        return []
+    zeros = unpack_zeros(packed.qzeros, packed.bits, packed.out_features)
+    codes = gemm16_pack(int4_codes(packed, zeros, centred=True))
+    return [codes, packed.scales.float().contiguous()]
 
 
 def operands(layer: OWQLinear) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -170,6 +209,9 @@ class DecodeStack:
         module = load()
         if module is None:
             return None
+        if gemm16_wanted(module):
+            for (tensors, _), layer in zip(ops, layers, strict=True):
+                tensors += gemm16_operands(layer)
         try:
             return cls(module, layers, ops, *args)
         except (RuntimeError, TypeError) as e:  # a shape the step refuses, an older module

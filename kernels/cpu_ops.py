@@ -167,6 +167,26 @@ def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return (main + xb @ ((8 - zeros).float() * s).t()).to(x.dtype)
 
 
+def int16_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """Exact emulation of the 16-bit GEMM (`cpu_gemm16.cpp`, 3-bit layers on VNNI CPUs):
+    x fp32 [M, in] -> [M, out]: each row rounded to int16 with one scale (absmax / 32767),
+    each group's sum Σ (q − z)·xq exact, then in fp32 f = Σ_g float(sum_g)·s_g (fused
+    multiply-adds, in group order) and y = f·sx."""
+    g = packed.group_index()
+    codes, zeros, _ = layer_codes(packed)
+    top = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, torch.full_like(top, 32767) / top, 0)  # `32767 / top` would
+    # take top's reciprocal first (torch's reversed division), an ulp off the kernel's quotient
+    xq = torch.round(x * inv).double()
+    centred = (codes - zeros).double()  # [out, in]
+    f = torch.zeros(x.shape[0], packed.out_features, dtype=torch.float32)
+    for group in range(packed.scales.shape[0]):
+        cols = (g == group).nonzero().view(-1)
+        sums = xq[:, cols] @ centred[:, cols].t()  # exact: integers under 2^53
+        f = (sums.float().double() * packed.scales[group].double() + f.double()).float()
+    return f * (top / 32767)
+
+
 def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     # x: [M, in] -> [M, out]
     xb = x.to(torch.bfloat16)

@@ -1,0 +1,135 @@
+// The 3-bit (centred 4-bit code) GEMM of the compiled CPU step on AVX-512 VNNI: y [M, N] =
+// x [M, K] @ ((c − 8)·s)ᵀ, codes c in [0, 16) (q − z + 8, `cpu_ops.int4_codes`), one fp32
+// scale per output and group. Activations are rounded to int16 with one scale per row
+// (absmax / 32767), so each group's sum is exact in int32 (`vpdpwssd`: two int16 products a
+// lane), then scaled in fp32: f += float(Σ c·xq − 8·Σ xq)·s_g over the groups, y = f·sx. A row's
+// numbers depend on nothing but that row. Twin: `cpu_ops.int16_twin`.
+//
+// Layout (`cpu_decode.gemm16_pack`): uint8 [N/16, K/4, 32]; for 16 outputs and 4 inputs k..k+3,
+// byte 2l + j holds output l's codes at k + j (low nibble) and k + 2 + j (high nibble), so one
+// 32-byte load widened to int16 gives each lane its (k, k+1) pair in the low nibbles and its
+// (k+2, k+3) pair in the high ones.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define OWQ_VNNI 1
+#define OWQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#endif
+
+namespace owq16 {
+
+bool supported() {
+#ifdef OWQ_VNNI
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+#ifdef OWQ_VNNI
+// R rows × 16 outputs over all K; U independent int32 accumulators a row (a lone row's chain of
+// dependent `vpdpwssd` would otherwise wait on their latency), summed per group.
+template <int R, int U>
+OWQ_TARGET void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
+                     const float* scale, int64_t n, const float* sx, const int32_t* sums,
+                     float* y) {
+  const __m512i nibble = _mm512_set1_epi16(0x000F);
+  const int64_t steps = k / 4 / groups;  // 4 inputs a step
+  __m512 f[R];
+  for (int r = 0; r < R; ++r) f[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i a[R][U];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) a[r][u] = _mm512_setzero_si512();
+    for (int64_t t = g * steps; t < (g + 1) * steps; t += U) {
+      for (int u = 0; u < U && t + u < (g + 1) * steps; ++u) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (t + u) * 32));
+        const __m512i v = _mm512_cvtepu8_epi16(bytes);
+        const __m512i lo = _mm512_and_si512(v, nibble);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* x2 = reinterpret_cast<const int32_t*>(xq + r * k + 4 * (t + u));
+          a[r][u] = _mm512_dpwssd_epi32(a[r][u], lo, _mm512_set1_epi32(x2[0]));
+          a[r][u] = _mm512_dpwssd_epi32(a[r][u], hi, _mm512_set1_epi32(x2[1]));
+        }
+      }
+    }
+    const __m512 s = _mm512_loadu_ps(scale + g * n);
+    for (int r = 0; r < R; ++r) {
+      __m512i c = a[r][0];
+      for (int u = 1; u < U; ++u) c = _mm512_add_epi32(c, a[r][u]);
+      c = _mm512_sub_epi32(c, _mm512_set1_epi32(8 * sums[r * groups + g]));
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, f[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
+}
+
+using Tile = void (*)(const uint8_t*, const int16_t*, int64_t, int64_t, const float*, int64_t,
+                      const float*, const int32_t*, float*);
+constexpr Tile kTiles[8] = {tile<1, 4>, tile<2, 4>, tile<3, 2>, tile<4, 2>,
+                            tile<5, 1>, tile<6, 1>, tile<7, 1>, tile<8, 1>};
+#endif
+
+// x fp32 [M, K], w uint8 [N/16, K/4, 32], scales fp32 [groups, N] -> y fp32 [M, N].
+at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x: fp32 [M, K]");
+  const int64_t m = x_.size(0), k = x_.size(1), blocks = w.size(0), n = blocks * 16;
+  const int64_t groups = scales.size(0);
+  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == k && w.size(2) == 32 && w.is_contiguous() &&
+                  w.scalar_type() == at::kByte,
+              "codes: uint8 [N/16, K/4, 32]");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(1) == n && scales.scalar_type() == at::kFloat &&
+                  scales.is_contiguous() && k % (4 * groups) == 0,
+              "scales: fp32 [groups, N], groups of a multiple of 4 inputs");
+  TORCH_CHECK(supported(), "the 16-bit GEMM needs AVX-512 VNNI");
+  at::Tensor x = x_.contiguous();
+  const float* xp = x.data_ptr<float>();
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> sx(m);
+  std::vector<int32_t> sums(m * groups);
+  const int64_t per = k / groups;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = xp + r * k;
+    float top = 0.f;
+    for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(row[i]));
+    const float inv = top > 0.f ? 32767.f / top : 0.f;
+    sx[r] = top / 32767.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t i = g * per; i < (g + 1) * per; ++i) {
+        const int16_t q = static_cast<int16_t>(std::nearbyint(row[i] * inv));
+        xq[r * k + i] = q;
+        sum += q;
+      }
+      sums[r * groups + g] = sum;
+    }
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+#ifdef OWQ_VNNI
+  float* yp = y.data_ptr<float>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t r0 = 0; r0 < m; r0 += 8) {
+        const int64_t rows = std::min<int64_t>(8, m - r0);
+        kTiles[rows - 1](wp + b * (k / 4) * 32, xq.data() + r0 * k, k, groups, sp + b * 16, n,
+                         sx.data() + r0, sums.data() + r0 * groups, yp + r0 * n + b * 16);
+      }
+    }
+  });
+#endif
+  return y;
+}
+
+}  // namespace owq16
