@@ -11,10 +11,10 @@ of the 4-bit codes, was most of a step. Twin: the runtime's eager block
 for fp32 slot tables; on fp16 tables the eager bag rounds a row's weak sum to fp16 and this step
 keeps it in fp32 (about 1% of the logits on the tests' random adapters).
 
-`OWQ_CPU_GEMM=int16` (opt-in) gives 3-bit layers (codes stored centred, outputs in 16s) the
-16-bit GEMM of `cpu_gemm16.cpp` where the CPU has AVX-512 VNNI: each row's activations rounded
-to int16 with one scale, exact integer sums (twin: `cpu_ops.int16_twin`); other layers, and
-other CPUs, keep torch's kernel.
+Where the CPU has AVX-512 VNNI, 3-bit layers (codes stored centred, outputs in 16s) take the
+16-bit GEMM of `cpu_gemm16.cpp` (`OWQ_CPU_GEMM=bf16` turns it off): each row's activations
+rounded to int16 with one scale, exact integer sums (twin: `cpu_ops.int16_twin`); other layers,
+and other CPUs, keep torch's kernel.
 
 `load()` builds the C++ sources once per machine with torch's extension builder (a C++ compiler
 and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch's extension
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu_ops import int4_codes
+from .cpu_ops import gemm16_takes, int4_codes
 from .owq_linear import OWQLinear
 from .packing import unpack_zeros
 
@@ -50,7 +50,7 @@ SOURCE = Path(__file__).resolve().parent / "cpu_decode.cpp"
 SOURCES = [SOURCE, SOURCE.with_name("cpu_gemm16.cpp")]  # one module
 SWITCH = "OWQ_CPU_DECODE"  # "0": the eager blocks only
 PREBUILT = "OWQ_CPU_DECODE_LIB"  # a module built ahead from this source (the CPU image's)
-GEMM = "OWQ_CPU_GEMM"  # "int16": 3-bit layers on the 16-bit GEMM where the CPU has VNNI
+GEMM = "OWQ_CPU_GEMM"  # "bf16": torch's 4-bit kernel everywhere; else the 16-bit GEMM on VNNI
 
 
 def enabled() -> bool:
@@ -131,8 +131,9 @@ def _none() -> torch.Tensor:
 
 
 def gemm16_wanted(module) -> bool:
-    """`OWQ_CPU_GEMM=int16` asked for the 16-bit GEMM and this CPU and module have it."""
-    wanted = os.environ.get(GEMM, "") == "int16"
+    """The 16-bit GEMM, unless `OWQ_CPU_GEMM=bf16` turns it off, where this CPU and module
+    have it."""
+    wanted = os.environ.get(GEMM, "int16") != "bf16"
     return wanted and hasattr(module, "gemm16_supported") and module.gemm16_supported()
 
 
@@ -149,8 +150,7 @@ def gemm16_operands(layer: OWQLinear) -> list[torch.Tensor]:
     """[codes, fp32 scales [groups, out]] of a layer of at most 3 bits (codes stored centred:
     the GEMM's zero term is 8) whose outputs come in 16s; [] for any other layer."""
     packed = layer.packed
-    per = packed.in_features if packed.group_size == -1 else packed.group_size
-    if packed.bits > 3 or packed.out_features % 16 or per % 4:
+    if not gemm16_takes(packed):
         return []
     zeros = unpack_zeros(packed.qzeros, packed.bits, packed.out_features)
     codes = gemm16_pack(int4_codes(packed, zeros, centred=True))
@@ -194,6 +194,7 @@ class DecodeStack:
         self.layers = list(layers)
         self.plans = [layer.cpu for layer in layers]
         self.stale = False  # warned once that a plan changed under the stack
+        self.gemm16 = False  # its 3-bit layers on the 16-bit GEMM (`build`)
         self.stack = module.Stack(
             [op[0] for op in ops], [op[1] for op in ops], [n.float().contiguous() for n in norms],
             [n.float().contiguous() for n in qk_norms], cos.float().contiguous(),
@@ -209,11 +210,14 @@ class DecodeStack:
         module = load()
         if module is None:
             return None
-        if gemm16_wanted(module):
+        gemm16 = gemm16_wanted(module)
+        if gemm16:
             for (tensors, _), layer in zip(ops, layers, strict=True):
                 tensors += gemm16_operands(layer)
         try:
-            return cls(module, layers, ops, *args)
+            stack = cls(module, layers, ops, *args)
+            stack.gemm16 = gemm16
+            return stack
         except (RuntimeError, TypeError) as e:  # a shape the step refuses, an older module
             log.warning("fused CPU decode step refused this model (%s): eager blocks", e)
             return None

@@ -187,6 +187,13 @@ def int16_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return f * (top / 32767)
 
 
+def gemm16_takes(packed: PackedWeight) -> bool:
+    """A layer the 16-bit GEMM takes: codes stored centred (at most 3 bits), outputs in 16s,
+    groups of a multiple of 4 inputs."""
+    per = packed.in_features if packed.group_size == -1 else packed.group_size
+    return packed.bits <= 3 and packed.out_features % 16 == 0 and per % 4 == 0
+
+
 def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
     # x: [M, in] -> [M, out]
     xb = x.to(torch.bfloat16)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model, write_slot
 
-from owq.kernels import cpu_decode
+from owq.kernels import cpu_decode, cpu_ops
 from owq.server.runtime import KVCache, build_runtime, step_index
 from owq.server.runtime.llama import FUSED_PROMPT_ROWS
 
@@ -58,6 +58,25 @@ def setup(kind: str, group_size: int, bits: int, table_dtype=None, weak=None):
 
 def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([tokens[row, n] for row, n in enumerate(LENGTHS)])[:, None]
+
+
+@pytest.fixture(autouse=True)
+def eager_blocks_on_the_twin_of_the_gemm(monkeypatch):
+    """Where the fused step runs 3-bit layers on the 16-bit GEMM (VNNI CPUs), the eager blocks
+    it is held to run that GEMM's twin there, so that both compute the same numbers."""
+    module = cpu_decode.load()
+    if module is not None and cpu_decode.gemm16_wanted(module):
+        monkeypatch.setattr(cpu_ops, "dense", twin_dense)
+
+
+def twin_dense(x, p, packed, fast=False):
+    """`cpu_ops.dense` with the 16-bit GEMM's twin for the layers the compiled step runs on it."""
+    if fast and p.int4 is not None and cpu_ops.gemm16_takes(packed):
+        return cpu_ops.int16_twin(x.reshape(-1, x.shape[-1]), packed).view(*x.shape[:-1], -1)
+    return DENSE(x, p, packed, fast)
+
+
+DENSE = cpu_ops.dense
 
 
 def eager_and_fused(rt, tokens, slots, rows=slice(None)):

@@ -1,4 +1,4 @@
-"""The 16-bit GEMM of the compiled CPU step (`kernels/cpu_gemm16.cpp`, `OWQ_CPU_GEMM=int16`):
+"""The 16-bit GEMM of the compiled CPU step (`kernels/cpu_gemm16.cpp`, on VNNI CPUs by default):
 bit for bit its twin (`cpu_ops.int16_twin`) at every shape, group size and row count, each row
 the same alone as in a batch, closer to the fp64 product than the bf16 kernel; the compiled step
 on it equals the eager blocks on its twin. The kernel needs AVX-512 VNNI: those tests run where
@@ -6,7 +6,11 @@ the CPU has it (the layout test runs everywhere)."""
 
 import pytest
 import torch
-from test_cpu_decode import eager_and_fused, setup
+from test_cpu_decode import (
+    eager_and_fused,
+    eager_blocks_on_the_twin_of_the_gemm,  # noqa: F401 (autouse)
+    setup,
+)
 
 from owq.kernels import OWQLinear, cpu_decode, cpu_ops
 
@@ -69,27 +73,18 @@ def test_a_layer_it_cannot_take_gets_no_operands():
     assert cpu_decode.gemm16_operands(layer(64, 40, -1, 3)) == []  # outputs not in 16s
 
 
-def twin_dense(x, p, packed, fast=False):
-    """`cpu_ops.dense` with the 16-bit GEMM's twin where the compiled step takes the kernel."""
-    if fast and p.int4 is not None and packed.bits <= 3 and packed.out_features % 16 == 0:
-        flat = cpu_ops.int16_twin(x.reshape(-1, x.shape[-1]), packed)
-        return flat.view(*x.shape[:-1], -1)
-    return DENSE(x, p, packed, fast)
-
-
-DENSE = cpu_ops.dense
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_the_compiled_step_on_it_equals_the_eager_blocks_on_its_twin(kind, monkeypatch):
     module_or_skip()
     slots = torch.tensor([0, 1, 2, 1])
+    monkeypatch.setenv(cpu_decode.GEMM, "bf16")
     rt, tokens = setup(kind, -1, 3, table_dtype=torch.float32)
+    assert not rt.fused.gemm16
     bf16, *_ = eager_and_fused(rt, tokens, slots)
-    monkeypatch.setenv(cpu_decode.GEMM, "int16")
+    monkeypatch.delenv(cpu_decode.GEMM)  # the default where the CPU has it
     rt.prepare(packed=True)
-    monkeypatch.setattr(cpu_ops, "dense", twin_dense)
-    fused, eager, fused_cache, eager_cache = eager_and_fused(rt, tokens, slots)
+    assert rt.fused.gemm16
+    fused, eager, fused_cache, eager_cache = eager_and_fused(rt, tokens, slots)  # eager: twin
     scale = float(eager.abs().max())
     # an fp32 difference in the last bit of an input may round it to the next int16 step (1/32767
     # of its row's largest): 6e-5 of the logits here, where the bf16 kernel's flips reach 2e-3
