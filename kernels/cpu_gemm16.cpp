@@ -101,9 +101,13 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   for (int64_t r = 0; r < m; ++r) {
     const float* row = xp + r * k;
     float top = 0.f;
-    for (int64_t i = 0; i < k; ++i) top = std::max(top, std::fabs(row[i]));
-    const float inv = top > 0.f ? 32767.f / top : 0.f;
-    sx[r] = top / 32767.f;
+    bool finite = true;
+    for (int64_t i = 0; i < k; ++i) {
+      top = std::max(top, std::fabs(row[i]));
+      finite = finite && std::isfinite(row[i]);
+    }
+    const float inv = finite && top > 0.f ? 32767.f / top : 0.f;
+    sx[r] = finite ? top / 32767.f : NAN;  // a row with an inf or a NaN comes out NaN, whole
     for (int64_t g = 0; g < groups; ++g) {
       int32_t sum = 0;
       for (int64_t i = g * per; i < (g + 1) * per; ++i) {

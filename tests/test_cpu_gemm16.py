@@ -68,6 +68,20 @@ def test_closer_to_the_exact_product_than_the_bf16_kernel():
     assert int16 < 1e-3 and int16 < error(cpu_ops.int4_twin(x, q.packed)) / 5
 
 
+def test_a_row_with_an_inf_or_a_nan_comes_out_nan_and_alone():
+    """As from torch's kernel (and the twin): the engine ends such a row on its non-finite
+    logits; the other rows are untouched."""
+    module = module_or_skip()
+    q = layer(64, 32, -1, 3)
+    ops = cpu_decode.gemm16_operands(q)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    clean = module.gemm16(x, *ops)
+    x[0, 9], x[2, 4] = float("inf"), float("nan")
+    y = module.gemm16(x, *ops)
+    assert y[0].isnan().all() and y[2].isnan().all() and torch.equal(y[1], clean[1])
+    assert cpu_ops.int16_twin(x, q.packed)[[0, 2]].isnan().all()
+
+
 def test_a_layer_it_cannot_take_gets_no_operands():
     assert cpu_decode.gemm16_operands(layer(64, 32, -1, 4)) == []  # 4-bit codes: not centred
     assert cpu_decode.gemm16_operands(layer(64, 40, -1, 3)) == []  # outputs not in 16s
