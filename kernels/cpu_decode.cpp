@@ -1,9 +1,11 @@
 // Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, optional per-head q/k
 // RMSNorm (Qwen3), RoPE, grouped-query attention over the KV cache, gated SiLU MLP), one token
-// per row, every projection on torch's 4-bit kernel plus its weak columns. Built and loaded
-// by `cpu_decode.py`; twin: the runtime's eager block (`server/runtime/llama.py`), which this
-// file must match to fp32 rounding. One call per step instead of ~60 eager ops per block: what
-// remains of a step is the 4-bit GEMMs and the bytes they read.
+// per row, every projection on torch's 4-bit kernel (3-bit layers on `cpu_gemm16.cpp` where
+// the stack was given its operands: VNNI CPUs) plus its weak columns. Built and loaded by
+// `cpu_decode.py`; twin: the runtime's eager block (`server/runtime/llama.py`, on the GEMM's
+// twin where the stack runs it), which this file must match to fp32 rounding. One call per
+// step instead of ~60 eager ops per block: what remains of a step is the 4-bit GEMMs and the
+// bytes they read.
 //
 // A row is one token at its own position in its own cache row: a decode step's rows are one
 // token of each sequence; a prompt's tokens are rows that share a cache row, each at its
