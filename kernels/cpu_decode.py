@@ -194,7 +194,7 @@ class DecodeStack:
         self.layers = list(layers)
         self.plans = [layer.cpu for layer in layers]
         self.stale = False  # warned once that a plan changed under the stack
-        self.gemm16 = False  # its 3-bit layers on the 16-bit GEMM (`build`)
+        self.gemm16 = any(len(op[0]) == 8 for op in ops)  # a layer on the 16-bit GEMM
         self.stack = module.Stack(
             [op[0] for op in ops], [op[1] for op in ops], [n.float().contiguous() for n in norms],
             [n.float().contiguous() for n in qk_norms], cos.float().contiguous(),
@@ -210,14 +210,11 @@ class DecodeStack:
         module = load()
         if module is None:
             return None
-        gemm16 = gemm16_wanted(module)
-        if gemm16:
+        if gemm16_wanted(module):
             for (tensors, _), layer in zip(ops, layers, strict=True):
                 tensors += gemm16_operands(layer)
         try:
-            stack = cls(module, layers, ops, *args)
-            stack.gemm16 = gemm16
-            return stack
+            return cls(module, layers, ops, *args)
         except (RuntimeError, TypeError) as e:  # a shape the step refuses, an older module
             log.warning("fused CPU decode step refused this model (%s): eager blocks", e)
             return None

@@ -25,11 +25,14 @@
 
 namespace owq16 {
 
-bool supported() {
+bool supported() {  // asked once: `mm` checks it on every call
 #ifdef OWQ_VNNI
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return has;
 #else
   return false;
 #endif
