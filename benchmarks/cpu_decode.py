@@ -77,7 +77,7 @@ def split_ms(runtime, cache, rounds: int = 8, steps: int = 24) -> dict:
     from owq.kernels import OWQLinear, cpu_ops
 
     layers = [m for m in runtime.modules() if isinstance(m, OWQLinear) and m.cpu is not None]
-    layers = [m for m in layers if m.cpu.int4 is not None]
+    layers = [m for m in layers if m.cpu.kernel is not None]
     inputs = [torch.randn(1, m.in_features) for m in layers]
 
     def gemms():

@@ -1,11 +1,11 @@
 // Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, optional per-head q/k
 // RMSNorm (Qwen3), RoPE, grouped-query attention over the KV cache, gated SiLU MLP), one token
-// per row, every projection on torch's 4-bit kernel (3-bit layers on `cpu_gemm16.cpp` where
-// the stack was given its operands: VNNI CPUs) plus its weak columns. Built and loaded by
-// `cpu_decode.py`; twin: the runtime's eager block (`server/runtime/llama.py`, on the GEMM's
-// twin where the stack runs it), which this file must match to fp32 rounding. One call per
-// step instead of ~60 eager ops per block: what remains of a step is the 4-bit GEMMs and the
-// bytes they read.
+// per row, every projection on the low-bit kernel its CPU plan chose (the 16-bit GEMM of
+// `cpu_gemm16.cpp` on VNNI CPUs, torch's 4-bit kernel elsewhere) plus its weak columns. Built
+// by `cpu_build.py`, driven by `cpu_decode.py`; twin: the runtime's eager block
+// (`server/runtime/llama.py`, on the same kernels), which this file must match to fp32
+// rounding. One call per step instead of ~60 eager ops per block: what remains of a step is
+// the low-bit GEMMs and the bytes they read.
 //
 // A row is one token at its own position in its own cache row: a decode step's rows are one
 // token of each sequence; a prompt's tokens are rows that share a cache row, each at its
@@ -28,14 +28,15 @@
 
 namespace owq16 {  // cpu_gemm16.cpp
 bool supported();
-at::Tensor mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
+at::Tensor mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+              const at::Tensor& zeros);
 }  // namespace owq16
 
 namespace {
 
 struct Linear {
   at::Tensor packed, scale_zero;  // torch's 4-bit kernel operands
-  at::Tensor codes16, scales16;   // the 16-bit GEMM's operands (`cpu_gemm16.cpp`), or empty
+  at::Tensor codes16, scales16, zeros16;  // the 16-bit GEMM's (`cpu_gemm16.cpp`), or empty
   at::Tensor correction;          // fp32 [groups, out] zero term of 4-bit codes, or empty
   at::Tensor idx;                 // long [k] weak inputs, or empty
   at::Tensor bias;                // fp32 [out], or empty
@@ -104,7 +105,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // where the layer has its operands), plus the bias.
 at::Tensor dense(const Linear& l, const at::Tensor& x) {
   if (given(l.codes16)) {
-    at::Tensor y = owq16::mm(x, l.codes16, l.scales16);
+    at::Tensor y = owq16::mm(x, l.codes16, l.scales16, l.zeros16);
     if (given(l.bias)) y.add_(l.bias);
     return y;
   }
@@ -210,8 +211,8 @@ class Stack {
     std::vector<Linear> linears;
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
-      TORCH_CHECK((t.size() == 6 || t.size() == 8) && ints[i].size() == 3, "linear ", i,
-                  ": 6 tensors (8 with the 16-bit GEMM's), 3 ints");
+      TORCH_CHECK(t.size() == 9 && ints[i].size() == 3, "linear ", i,
+                  ": 9 tensors (torch's 4-bit kernel's, idx, bias, spans, the 16-bit GEMM's), 3 ints");
       Linear l;
       l.packed = t[0];
       l.scale_zero = t[1];
@@ -219,13 +220,16 @@ class Stack {
       l.idx = t[3].to(at::kLong).contiguous();
       l.bias = t[4];
       l.spans = t[5].to(at::kLong).contiguous();
-      if (t.size() == 8 && given(t[6])) {
+      if (given(t[6])) {
         TORCH_CHECK(owq16::supported(), "linear ", i, ": the 16-bit GEMM needs AVX-512 VNNI");
         TORCH_CHECK(t[6].dim() == 3 && t[6].size(0) * 16 == ints[i][2] && t[7].dim() == 2 &&
-                        t[7].size(1) == ints[i][2],
+                        t[7].size(1) == ints[i][2] && t[8].sizes() == t[7].sizes(),
                     "linear ", i, ": 16-bit GEMM operands of another shape");
         l.codes16 = t[6].contiguous();
         l.scales16 = t[7].to(at::kFloat).contiguous();
+        l.zeros16 = t[8].to(at::kByte).contiguous();
+      } else {
+        TORCH_CHECK(given(t[0]), "linear ", i, ": no kernel's operands");
       }
       const int64_t* sp = l.spans.data_ptr<int64_t>();
       for (int64_t r = 0; r < l.spans.size(0); ++r) {

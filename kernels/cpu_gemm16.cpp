@@ -1,11 +1,12 @@
-// The 3-bit (centred 4-bit code) GEMM of the compiled CPU step on AVX-512 VNNI: y [M, N] =
-// x [M, K] @ ((c − 8)·s)ᵀ, codes c in [0, 16) (q − z + 8, `cpu_ops.int4_codes`), one fp32
-// scale per output and group. Activations are rounded to int16 with one scale per row
+// The 16-bit GEMM of CPU fast steps on AVX-512 VNNI: y [M, N] = x [M, K] @ ((q − z)·s)ᵀ for
+// codes q in [0, 16) as the layer stores them (2, 3 or 4 bits), one zero point z and fp32 scale
+// s per output and group. Activations are rounded to int16 with one scale per row
 // (absmax / 32767), so each group's sum is exact in int32 (`vpdpwssd`: two int16 products a
-// lane), then scaled in fp32: f += float(Σ c·xq − 8·Σ xq)·s_g over the groups, y = f·sx. A row's
-// numbers depend on nothing but that row. Twin: `cpu_ops.int16_twin`.
+// lane; `cpu_gemm16.takes` keeps a group's sum inside int32), then scaled in fp32:
+// f += float(Σ q·xq − z·Σ xq)·s_g over the groups, y = f·sx. A row's numbers depend on nothing
+// but that row. Operands and twin: `cpu_gemm16.py` (`weight`, `twin`).
 //
-// Layout (`cpu_decode.gemm16_pack`): uint8 [N/16, K/4, 32]; for 16 outputs and 4 inputs k..k+3,
+// Layout (`cpu_gemm16.pack`): uint8 [N/16, K/4, 32]; for 16 outputs and 4 inputs k..k+3,
 // byte 2l + j holds output l's codes at k + j (low nibble) and k + 2 + j (high nibble), so one
 // 32-byte load widened to int16 gives each lane its (k, k+1) pair in the low nibbles and its
 // (k+2, k+3) pair in the high ones.
@@ -43,8 +44,8 @@ bool supported() {  // asked once: `mm` checks it on every call
 // dependent `vpdpwssd` would otherwise wait on their latency), summed per group.
 template <int R, int U>
 OWQ_TARGET void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
-                     const float* scale, int64_t n, const float* sx, const int32_t* sums,
-                     float* y) {
+                     const float* scale, const uint8_t* zero, int64_t n, const float* sx,
+                     const int32_t* sums, float* y) {
   const __m512i nibble = _mm512_set1_epi16(0x000F);
   const int64_t steps = k / 4 / groups;  // 4 inputs a step
   __m512 f[R];
@@ -67,24 +68,27 @@ OWQ_TARGET void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t gro
       }
     }
     const __m512 s = _mm512_loadu_ps(scale + g * n);
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
     for (int r = 0; r < R; ++r) {
       __m512i c = a[r][0];
       for (int u = 1; u < U; ++u) c = _mm512_add_epi32(c, a[r][u]);
-      c = _mm512_sub_epi32(c, _mm512_set1_epi32(8 * sums[r * groups + g]));
+      c = _mm512_sub_epi32(c, _mm512_mullo_epi32(z, _mm512_set1_epi32(sums[r * groups + g])));
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, f[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
 }
 
-using Tile = void (*)(const uint8_t*, const int16_t*, int64_t, int64_t, const float*, int64_t,
-                      const float*, const int32_t*, float*);
+using Tile = void (*)(const uint8_t*, const int16_t*, int64_t, int64_t, const float*,
+                      const uint8_t*, int64_t, const float*, const int32_t*, float*);
 constexpr Tile kTiles[8] = {tile<1, 4>, tile<2, 4>, tile<3, 2>, tile<4, 2>,
                             tile<5, 1>, tile<6, 1>, tile<7, 1>, tile<8, 1>};
 #endif
 
-// x fp32 [M, K], w uint8 [N/16, K/4, 32], scales fp32 [groups, N] -> y fp32 [M, N].
-at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales) {
+// x fp32 [M, K], w uint8 [N/16, K/4, 32], scales fp32 [groups, N], zeros uint8 [groups, N]
+// -> y fp32 [M, N].
+at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
+              const at::Tensor& zeros) {
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x: fp32 [M, K]");
   const int64_t m = x_.size(0), k = x_.size(1), blocks = w.size(0), n = blocks * 16;
   const int64_t groups = scales.size(0);
@@ -94,6 +98,9 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   TORCH_CHECK(scales.dim() == 2 && scales.size(1) == n && scales.scalar_type() == at::kFloat &&
                   scales.is_contiguous() && k % (4 * groups) == 0,
               "scales: fp32 [groups, N], groups of a multiple of 4 inputs");
+  TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kByte &&
+                  zeros.is_contiguous(),
+              "zeros: uint8 [groups, N]");
   TORCH_CHECK(supported(), "the 16-bit GEMM needs AVX-512 VNNI");
   at::Tensor x = x_.contiguous();
   const float* xp = x.data_ptr<float>();
@@ -101,37 +108,41 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   std::vector<float> sx(m);
   std::vector<int32_t> sums(m * groups);
   const int64_t per = k / groups;
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = xp + r * k;
-    float top = 0.f;
-    bool finite = true;
-    for (int64_t i = 0; i < k; ++i) {
-      top = std::max(top, std::fabs(row[i]));
-      finite = finite && std::isfinite(row[i]);
-    }
-    const float inv = finite && top > 0.f ? 32767.f / top : 0.f;
-    sx[r] = finite ? top / 32767.f : NAN;  // a row with an inf or a NaN comes out NaN, whole
-    for (int64_t g = 0; g < groups; ++g) {
-      int32_t sum = 0;
-      for (int64_t i = g * per; i < (g + 1) * per; ++i) {
-        const int16_t q = static_cast<int16_t>(std::nearbyint(row[i] * inv));
-        xq[r * k + i] = q;
-        sum += q;
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {  // each row alone: any split
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + r * k;
+      float top = 0.f;
+      bool finite = true;
+      for (int64_t i = 0; i < k; ++i) {
+        top = std::max(top, std::fabs(row[i]));
+        finite = finite && std::isfinite(row[i]);
       }
-      sums[r * groups + g] = sum;
+      const float inv = finite && top > 0.f ? 32767.f / top : 0.f;
+      sx[r] = finite ? top / 32767.f : NAN;  // a row with an inf or a NaN comes out NaN, whole
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t sum = 0;
+        for (int64_t i = g * per; i < (g + 1) * per; ++i) {
+          const int16_t q = static_cast<int16_t>(std::nearbyint(row[i] * inv));
+          xq[r * k + i] = q;
+          sum += q;
+        }
+        sums[r * groups + g] = sum;
+      }
     }
-  }
+  });
   at::Tensor y = at::empty({m, n}, x.options());
 #ifdef OWQ_VNNI
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
+  const uint8_t* zp = zeros.data_ptr<uint8_t>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r0 = 0; r0 < m; r0 += 8) {
         const int64_t rows = std::min<int64_t>(8, m - r0);
-        kTiles[rows - 1](wp + b * (k / 4) * 32, xq.data() + r0 * k, k, groups, sp + b * 16, n,
-                         sx.data() + r0, sums.data() + r0 * groups, yp + r0 * n + b * 16);
+        kTiles[rows - 1](wp + b * (k / 4) * 32, xq.data() + r0 * k, k, groups, sp + b * 16,
+                         zp + b * 16, n, sx.data() + r0, sums.data() + r0 * groups,
+                         yp + r0 * n + b * 16);
       }
     }
   });

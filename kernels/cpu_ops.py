@@ -1,18 +1,22 @@
 """CPU path of `OWQLinear`: the dense part from a prepared plan, the per-row-slot weak columns.
 
-A `CpuPlan` is what a layer keeps on the CPU for one compute dtype: the codes repacked for
-torch's 4-bit weight-only kernel (`Int4Weight`, half a byte per weight) and, only when asked for
-(`resident=True`), a dequantized dense copy. The dense part takes one of two kernels, by what
-the step may do (`fast`, the runtime's choice: every decode step, and every prefill that does
-not score its prompt's tokens):
+A `CpuPlan` is what a layer keeps on the CPU for one compute dtype: its codes in the layout of
+one low-bit kernel (half a byte per weight) and, only when asked for (`resident=True`), a
+dequantized dense copy. The dense part takes one of these kernels, by what the step may do
+(`fast`, the runtime's choice: every decode step, and every prefill that does not score its
+prompt's tokens):
 
-- fast: the 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16 activations and scales,
-  fp32 accumulation) for every layer of at most 4 bits whose input width is a multiple of 32 and
-  output a multiple of 16. The kernel computes (q − 8)·s + zero per group. 2/3-bit codes are
-  stored centred, q − z + 8, so its zero term is exactly 0 (a zero point folded into its bf16
-  `zero` errs by up to 2^-9·8·s on every weight of a row alike: a bias that cost 0.6%
-  perplexity); 4-bit codes need all 16 values, so they stay as they are and the zero term is
-  added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin: `int4_twin`.
+- fast, on CPUs with AVX-512 VNNI: the 16-bit GEMM (`cpu_gemm16`: activations rounded to int16
+  per row, exact integer sums, fp32 scales and zero points) for every layer it takes, of 2, 3
+  or 4 bits, the head included. Exact twin: `cpu_gemm16.twin`.
+- fast, elsewhere: torch's 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16 activations
+  and scales, fp32 accumulation) for every layer of at most 4 bits whose input width is a
+  multiple of 32 and output a multiple of 16. The kernel computes (q − 8)·s + zero per group.
+  2/3-bit codes are stored centred, q − z + 8, so its zero term is exactly 0 (a zero point
+  folded into its bf16 `zero` errs by up to 2^-9·8·s on every weight of a row alike: a bias
+  that cost 0.6% perplexity); 4-bit codes need all 16 values, so they stay as they are and the
+  zero term is added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin:
+  `int4_twin`. `fast_twin` is the twin of whichever kernel a plan holds.
 - exact (prompt scoring, or layers the 4-bit kernel cannot take): one fp32 GEMM on the
   dequantized weight, the resident copy if the plan keeps one, else a transient one made for
   this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
@@ -36,6 +40,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import cpu_build, cpu_gemm16
+from .cpu_gemm16 import Int16Weight
 from .packing import column_chunks, unpack_codes, unpack_zeros
 from .types import PackedWeight, WeakColumns
 
@@ -62,9 +68,15 @@ class Int4Weight:
 class CpuPlan:
     dtype: torch.dtype
     weight: torch.Tensor | None  # [out, in] resident dense copy in `dtype`, or None
-    int4: Int4Weight | None = None
+    int4: Int4Weight | None = None  # torch's 4-bit kernel, or
+    int16: Int16Weight | None = None  # the 16-bit GEMM (at most one of the two)
     idx: torch.Tensor | None = None  # long [k]: the weak-column indices, converted once
     _slot0: list = field(default_factory=lambda: [None, None, -1], repr=False, compare=False)
+
+    @property
+    def kernel(self) -> str | None:
+        """The low-bit kernel of fast steps: "int16", "int4", or None (the dense path)."""
+        return "int16" if self.int16 is not None else "int4" if self.int4 is not None else None
 
     def table0(self, weak: WeakColumns) -> torch.Tensor:
         """Slot 0 of the table (the base's weak columns) [k, out] in `dtype`: converted once,
@@ -145,14 +157,20 @@ def plan(
     resident: bool = True,
     idx: torch.Tensor | None = None,
 ) -> CpuPlan:
-    """The layer's CPU plan: the 4-bit operands when `int4` and the layer qualifies (float32
-    compute only), a resident dense copy [out, in] when `resident` or when there is no 4-bit
-    form (decode would otherwise dequantize every step), the weak indices `idx` as long."""
-    group = int4_group(packed) if int4 and dtype == torch.float32 else 0
-    fast = int4_weight(packed, group) if group else None
-    keep = resident or fast is None
+    """The layer's CPU plan: a low-bit kernel for fast steps when `int4` (float32 compute only;
+    the 16-bit GEMM where the layer fits it and `cpu_build.gemm16()` runs on this CPU, else
+    torch's 4-bit kernel where the layer qualifies), a resident dense copy [out, in] when
+    `resident` or when there is no low-bit kernel (decode would otherwise dequantize every
+    step), the weak indices `idx` as long."""
+    q4 = q16 = None
+    if int4 and dtype == torch.float32:
+        if cpu_gemm16.takes(packed) and cpu_build.gemm16() is not None:
+            q16 = cpu_gemm16.weight(packed)
+        elif group := int4_group(packed):
+            q4 = int4_weight(packed, group)
+    keep = resident or (q4 is None and q16 is None)
     weight = packed.dequantize(dtype).t().contiguous() if keep else None
-    return CpuPlan(dtype, weight, fast, None if idx is None else idx.to(torch.long))
+    return CpuPlan(dtype, weight, q4, q16, None if idx is None else idx.to(torch.long))
 
 
 def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
@@ -167,31 +185,11 @@ def int4_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
     return (main + xb @ ((8 - zeros).float() * s).t()).to(x.dtype)
 
 
-def int16_twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """Exact emulation of the 16-bit GEMM (`cpu_gemm16.cpp`, 3-bit layers on VNNI CPUs):
-    x fp32 [M, in] -> [M, out]: each row rounded to int16 with one scale (absmax / 32767),
-    each group's sum Σ (q − z)·xq exact, then in fp32 f = Σ_g float(sum_g)·s_g (fused
-    multiply-adds, in group order) and y = f·sx."""
-    g = packed.group_index()
-    codes, zeros, _ = layer_codes(packed)
-    top = x.abs().amax(-1, keepdim=True)
-    inv = torch.where(top > 0, torch.full_like(top, 32767) / top, 0)  # `32767 / top` would
-    # take top's reciprocal first (torch's reversed division), an ulp off the kernel's quotient
-    xq = torch.round(x * inv).double()
-    centred = (codes - zeros).double()  # [out, in]
-    f = torch.zeros(x.shape[0], packed.out_features, dtype=torch.float32)
-    for group in range(packed.scales.shape[0]):
-        cols = (g == group).nonzero().view(-1)
-        sums = xq[:, cols] @ centred[:, cols].t()  # exact: integers under 2^53
-        f = (sums.float().double() * packed.scales[group].double() + f.double()).float()
-    return f * (top / 32767)
-
-
-def gemm16_takes(packed: PackedWeight) -> bool:
-    """A layer the 16-bit GEMM takes: codes stored centred (at most 3 bits), outputs in 16s,
-    groups of a multiple of 4 inputs."""
-    per = packed.in_features if packed.group_size == -1 else packed.group_size
-    return packed.bits <= 3 and packed.out_features % 16 == 0 and per % 4 == 0
+def fast_twin(x: torch.Tensor, p: CpuPlan, packed: PackedWeight) -> torch.Tensor:
+    """Exact emulation of the dense part of a fast step on plan `p`'s kernel: x [M, in]."""
+    if p.int16 is not None:
+        return cpu_gemm16.twin(x, packed).to(x.dtype)
+    return int4_twin(x, packed)
 
 
 def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
@@ -205,7 +203,10 @@ def _int4(x: torch.Tensor, q: Int4Weight) -> torch.Tensor:
 
 
 def dense(x: torch.Tensor, p: CpuPlan, packed: PackedWeight, fast: bool = False) -> torch.Tensor:
-    """x: [B, T, in] (or [M, in]) -> dense part [..., out]; the 4-bit kernel on fast steps."""
+    """x: [B, T, in] (or [M, in]) -> dense part [..., out]; the plan's kernel on fast steps."""
+    if fast and p.int16 is not None:
+        y = cpu_gemm16.mm(x.reshape(-1, x.shape[-1]), p.int16)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
     if fast and p.int4 is not None:
         return _int4(x.reshape(-1, x.shape[-1]), p.int4).view(*x.shape[:-1], -1)
     weight = p.weight  # transient when not resident: the same [out, in] layout, the same bits
@@ -365,7 +366,7 @@ def linear(
         return y
     if p.idx is not None:
         weak = WeakColumns(p.idx, weak.table)
-    packed = fast and p.int4 is not None
+    packed = fast and p.kernel is not None
     if packed and slots is not None:  # rows on adapters: each its own fp16 bag
         step = _StepRows.of(slots)
         if step.slots is not None:

@@ -305,7 +305,7 @@ class OWQLinear(nn.Module):
         if self.qweight.is_cuda:
             return self.packed.dequantize(dtype).t()
         if self.cpu is None or self.cpu.dtype != dtype:
-            self.prepare(dtype, int4=self.cpu is not None and self.cpu.int4 is not None)
+            self.prepare(dtype, int4=self.cpu is not None and self.cpu.kernel is not None)
         if self.cpu.weight is None:
             return self.packed.dequantize(dtype).t()
         return self.cpu.weight

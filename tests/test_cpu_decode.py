@@ -4,18 +4,13 @@ slots, for tied and untied heads, a q/k/v bias (Qwen2), per-head q/k norms (Qwen
 3-bit and grouped 4-bit codes (the zero term); each row's numbers the same alone as beside
 others; the eager blocks where the fused step does not apply."""
 
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from engine_fixtures import random_adapter, runtime_of, tiny_quantized_model, write_slot
 
-from owq.kernels import cpu_decode, cpu_ops
+from owq.kernels import cpu_build
 from owq.server.runtime import KVCache, build_runtime, step_index
 from owq.server.runtime.llama import FUSED_PROMPT_ROWS
 
@@ -58,25 +53,6 @@ def setup(kind: str, group_size: int, bits: int, table_dtype=None, weak=None):
 
 def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
     return torch.stack([tokens[row, n] for row, n in enumerate(LENGTHS)])[:, None]
-
-
-@pytest.fixture(autouse=True)
-def eager_blocks_on_the_twin_of_the_gemm(monkeypatch):
-    """Where the fused step runs 3-bit layers on the 16-bit GEMM (VNNI CPUs), the eager blocks
-    it is held to run that GEMM's twin there, so that both compute the same numbers."""
-    module = cpu_decode.load()
-    if module is not None and cpu_decode.gemm16_wanted(module):
-        monkeypatch.setattr(cpu_ops, "dense", twin_dense)
-
-
-def twin_dense(x, p, packed, fast=False):
-    """`cpu_ops.dense` with the 16-bit GEMM's twin for the layers the compiled step runs on it."""
-    if fast and p.int4 is not None and cpu_ops.gemm16_takes(packed):
-        return cpu_ops.int16_twin(x.reshape(-1, x.shape[-1]), packed).view(*x.shape[:-1], -1)
-    return DENSE(x, p, packed, fast)
-
-
-DENSE = cpu_ops.dense
 
 
 def eager_and_fused(rt, tokens, slots, rows=slice(None)):
@@ -337,15 +313,15 @@ def test_eager_blocks_where_the_fused_step_does_not_apply(monkeypatch):
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-3 * scale)
     torch.testing.assert_close(got[1:], want[1:], rtol=0, atol=2e-2 * scale)
     assert not torch.equal(got[1:], want[1:])  # the eager bag's fp16 sums: eager ran
-    monkeypatch.setenv(cpu_decode.SWITCH, "0")
-    cpu_decode.load.cache_clear()
+    monkeypatch.setenv(cpu_build.SWITCH, "0")
+    cpu_build.load.cache_clear()
     try:
-        assert cpu_decode.load() is None
+        assert cpu_build.load() is None
         rt.prepare(packed=True)
         assert rt.fused is None
     finally:
         monkeypatch.undo()
-        cpu_decode.load.cache_clear()
+        cpu_build.load.cache_clear()
 
 
 def test_a_position_outside_the_cache_is_refused():
@@ -365,32 +341,3 @@ def test_a_position_outside_the_cache_is_refused():
     with pytest.raises(RuntimeError, match="one slot a row"):
         two = row.expand(2)
         rt.fused.step(x.expand(2, -1), torch.tensor([3, 3]), two, cache.k, cache.v, torch.ones(1))
-
-
-def test_a_module_built_ahead_is_imported_as_it_is(tmp_path):
-    """The CPU image builds the step once and has no compiler: `OWQ_CPU_DECODE_LIB` names it (a
-    fresh process: one process keeps the first module of a name it imported)."""
-    built = cpu_decode.load()
-    assert built is not None
-    copy = tmp_path / "owq_cpu_decode.so"
-    copy.write_bytes(Path(built.__file__).read_bytes())
-    env = dict(os.environ, **{cpu_decode.PREBUILT: str(copy)})
-    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "unused")  # nothing is built
-    code = "from owq.kernels import cpu_decode; m = cpu_decode.load(); print(m.__file__, m.Stack)"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[0] == str(copy)
-    assert not (tmp_path / "unused").exists()
-
-
-def test_a_lock_left_by_a_killed_build_is_removed(tmp_path):
-    """torch's builder would wait on it forever; a lock younger than any build is kept."""
-    lock = tmp_path / "lock"
-    lock.touch()
-    cpu_decode._stale_lock(tmp_path)
-    assert lock.exists()
-    old = time.time() - 11 * 60
-    os.utime(lock, (old, old))
-    cpu_decode._stale_lock(tmp_path)
-    assert not lock.exists()
-    cpu_decode._stale_lock(tmp_path)  # none there: nothing to do

@@ -37,11 +37,11 @@ ROWS = 24  # steps of 1..ROWS rows
 SEEDED = {"temperature": 0.9, "top_p": 0.95, "seed": 7, "max_tokens": 40}
 
 
-def test_the_int4_kernel_gives_a_row_the_same_bits_in_any_step():
+def test_each_fast_kernel_gives_a_row_the_same_bits_in_any_step(fast_kernel):
     model = tiny_quantized_model("llama", group_size=-1, bits=3)
     layer = model.model.layers[0].mlp.gate_proj
     cpu = plan(layer.packed, torch.float32, int4=True, resident=False)
-    assert cpu.int4 is not None
+    assert cpu.kernel == fast_kernel
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(ROWS, 1, layer.in_features, generator=gen)
     alone = dense(x[:1], cpu, layer.packed, fast=True)[0]

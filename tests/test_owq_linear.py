@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from owq.kernels import OWQLinear, cpu_ops
-from owq.kernels.cpu_ops import int4_codes, int4_twin, layer_codes, weak_bag, weak_product
+from owq.kernels.cpu_ops import int4_codes, layer_codes, weak_bag, weak_product
 from owq.kernels.packing import unpack_zeros
 from owq.kernels.reference import owq_matmul, weak_columns_product
 from owq.kernels.types import WeakColumns
@@ -69,10 +69,10 @@ def test_layer_codes_times_scale_is_the_dense_part(bits, group_size):
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, -1), (4, 32), (2, 64)])
-def test_wide_layer_unpacks_by_chunks_exactly(bits, group_size):
+def test_wide_layer_unpacks_by_chunks_exactly(bits, group_size, fast_kernel):
     """A layer wider than one unpacking chunk (as an LM head is, a chunk of output rows at a
     time): its dense weight and the 4-bit kernel's codes are what the one-piece formula gives,
-    and the kernel's product is its exact emulation's."""
+    and each fast kernel's product is its exact emulation's."""
     out = 2 * 1024 + 80  # two whole chunks and a ragged third
     layer, _, _ = build(bits, group_size, k=8, bias=False, out=out)
     codes, zeros, scale = layer_codes(layer.packed)  # unpacked in one piece
@@ -84,10 +84,10 @@ def test_wide_layer_unpacks_by_chunks_exactly(bits, group_size):
         int4_codes(layer.packed, zero_g, centred), codes - zeros + 8 if centred else codes
     )
     plan = layer.prepare(torch.float32, int4=True, resident=False)
-    assert plan.int4 is not None
+    assert plan.kernel == fast_kernel
     x = torch.randn(3, IN, generator=torch.Generator().manual_seed(2))
     y = cpu_ops.dense(x, plan, layer.packed, fast=True)
-    torch.testing.assert_close(y, int4_twin(x, layer.packed), rtol=2**-8, atol=1e-5)
+    torch.testing.assert_close(y, cpu_ops.fast_twin(x, plan, layer.packed), rtol=2**-8, atol=1e-5)
 
 
 def test_outlier_idx_sorted_unique_and_oweight_follows():
@@ -154,8 +154,8 @@ def test_weak_bag_equals_the_twin_and_each_row_alone(slots, t):
 
 
 @pytest.mark.parametrize("slots", [[0, 0, 0], [2, 1, 2], [0, 2, 1], [1, 0, 0]], ids=str)
-def test_packed_steps_give_a_row_the_numbers_it_gets_alone(slots):
-    """A packed (fast) step is the 4-bit dense part plus, per row, the fp16 bag of its adapter's
+def test_packed_steps_give_a_row_the_numbers_it_gets_alone(slots, fast_kernel):
+    """A packed (fast) step is the low-bit dense part plus, per row, the fp16 bag of its adapter's
     columns or the fp32 GEMM on the base's. A row's numbers are bit for bit those it gets
     alone, beside any slots; an exact step is the fp32 GEMM whatever the slots."""
     from owq.kernels.cpu_ops import add_base_columns, dense
@@ -166,7 +166,7 @@ def test_packed_steps_give_a_row_the_numbers_it_gets_alone(slots):
     for s in (1, 2):
         layer.set_slot(s, torch.randn(8, OUT, generator=gen).half())
     layer.prepare(torch.float32, int4=True, resident=False)
-    assert layer.cpu.int4 is not None
+    assert layer.cpu.kernel == fast_kernel
     x = torch.randn(3, 1, IN, generator=gen) * 4
     slots = torch.tensor(slots)
     weak = WeakColumns(layer.outlier_idx, layer.weak_table)

@@ -55,7 +55,7 @@ def test_decode_on_the_4bit_kernel_stays_close_to_the_table():
     x = torch.randn(5, 1, D)
     exact = x @ reference_table(layer).t()
     layer.prepare(torch.float32, int4=True, resident=False)
-    assert layer.cpu.int4 is not None and layer.cpu.weight is None  # low-bit bytes only
+    assert layer.cpu.kernel is not None and layer.cpu.weight is None  # low-bit bytes only
     fast = layer(x, None, fast=True)
     assert 0 < float((fast - exact).abs().max()) <= 2e-2 * float(exact.abs().max())
     torch.testing.assert_close(layer(x), fast, rtol=0, atol=0)  # the head: prefill too
@@ -106,7 +106,7 @@ def test_packed_head_decode_matches_the_fp32_path(tmp_path):
     exact, fast = runtime_of(model, 64), runtime_of(model, 64)
     exact.prepare(packed=False)
     fast.prepare(packed=True)
-    assert fast.vocab.head.cpu.int4 is not None and fast.vocab.head.cpu.weight is None
+    assert fast.vocab.head.cpu.kernel is not None and fast.vocab.head.cpu.weight is None
     tokens = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(3))
     out = []
     for rt in (exact, fast):
