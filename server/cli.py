@@ -299,6 +299,8 @@ def serve(server, engine) -> int:
             raise KeyboardInterrupt
         server.should_exit = True
 
+    if not server.config.loaded:  # uvicorn's imports (its protocol classes) here, not on the
+        server.config.load()  # HTTP thread while the model loop imports its own beside it
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="owq-http", daemon=True)
     try:

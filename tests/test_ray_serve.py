@@ -122,9 +122,19 @@ def test_two_replicas_answer_the_openai_client(cluster):
     assert chat.model == ADAPTERS[1] and chat.choices[0].message.content is not None
 
 
+def request_counts(cluster: Cluster) -> dict[tuple[str, str], float]:
+    """(adapter, replica) -> requests that replica has answered for that adapter."""
+    counts: dict[tuple[str, str], float] = {}
+    for s in samples(cluster, "owq_requests_total"):
+        key = (s.labels["adapter"], s.labels["replica"])
+        counts[key] = counts.get(key, 0) + s.value
+    return counts
+
+
 def test_requests_for_an_adapter_land_on_the_replica_that_loaded_it(cluster):
     home = homes(cluster)
     assert len(set(home.values())) == 2, home  # Ray puts a new adapter on the emptier replica
+    before = request_counts(cluster)  # an adapter an earlier test used may have had another home
     for name, replica in home.items():
         by_header = complete(cluster, headers={"X-OWQ-Adapter": name})
         assert by_header.json()["model"] == name
@@ -135,9 +145,10 @@ def test_requests_for_an_adapter_land_on_the_replica_that_loaded_it(cluster):
         ) as streamed:  # fmt: skip
             assert replica_of(streamed) == replica
             assert [e["model"] for e in sse_events(streamed)][0] == name
-    for sample in samples(cluster, "owq_requests_total"):
-        if sample.labels["adapter"] in home:  # counted by the replica that served it, only
-            assert sample.labels["replica"] == home[sample.labels["adapter"]], sample
+    after = request_counts(cluster)  # counted by the replica that served them, only
+    for name, replica in home.items():
+        grew = {r: n - before.get((a, r), 0) for (a, r), n in after.items() if a == name}
+        assert {r: n for r, n in grew.items() if n} == {replica: 2}, (name, replica, grew)
 
 
 def test_errors_are_the_apps_own(cluster):
