@@ -6,9 +6,9 @@ and ninja; about 30 s, for the CPU's instruction level: `flags`), kept in torch'
 cache (`TORCH_EXTENSIONS_DIR`, rebuilt when a source changes), and returns the module; None,
 with one warning, where it cannot be built or `OWQ_CPU_DECODE=0` turns it off. A module built
 ahead from these sources is imported as it is from `OWQ_CPU_DECODE_LIB` (the CPU image has no
-compiler). `gemm16()` is the module where the 16-bit GEMM runs on this CPU and is wanted
-(`OWQ_CPU_GEMM=bf16` turns it off). Knows how to build and find the module; nothing about
-layers or models.
+compiler). `gemm16()` is the module where the 16-bit GEMM runs on this CPU (AVX2 and FMA, or
+AVX-512 VNNI) and is wanted (`OWQ_CPU_GEMM=bf16` turns it off). Knows how to build and find the
+module; nothing about layers or models.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_gemm16.cpp"]  # one module
 SWITCH = "OWQ_CPU_DECODE"  # "0": no compiled module (the eager blocks, torch's kernels)
 PREBUILT = "OWQ_CPU_DECODE_LIB"  # a module built ahead from these sources (the CPU image's)
-GEMM = "OWQ_CPU_GEMM"  # "bf16": torch's 4-bit kernel everywhere; else the 16-bit GEMM on VNNI
+GEMM = "OWQ_CPU_GEMM"  # "bf16": torch's 4-bit kernel; "avx2": the 16-bit GEMM's AVX2 form
 
 
 def enabled() -> bool:
@@ -106,8 +106,8 @@ def load():
 
 
 def gemm16():
-    """The module where the 16-bit GEMM runs on this CPU (AVX-512 VNNI) and `OWQ_CPU_GEMM` does
-    not say `bf16`; None otherwise (torch's 4-bit kernel serves)."""
+    """The module where the 16-bit GEMM runs on this CPU (AVX2 and FMA, or AVX-512 VNNI) and
+    `OWQ_CPU_GEMM` does not say `bf16`; None otherwise (torch's 4-bit kernel serves)."""
     if os.environ.get(GEMM, "int16") == "bf16":
         return None
     module = load()

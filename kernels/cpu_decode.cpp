@@ -28,8 +28,9 @@
 
 namespace owq16 {  // cpu_gemm16.cpp
 bool supported();
+int level();
 at::Tensor mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
-              const at::Tensor& zeros);
+              const at::Tensor& zeros, int64_t form);
 }  // namespace owq16
 
 namespace {
@@ -105,7 +106,7 @@ float dot(const float* a, const float* b, int64_t n) {
 // where the layer has its operands), plus the bias.
 at::Tensor dense(const Linear& l, const at::Tensor& x) {
   if (given(l.codes16)) {
-    at::Tensor y = owq16::mm(x, l.codes16, l.scales16, l.zeros16);
+    at::Tensor y = owq16::mm(x, l.codes16, l.scales16, l.zeros16, 0);
     if (given(l.bias)) y.add_(l.bias);
     return y;
   }
@@ -221,7 +222,7 @@ class Stack {
       l.bias = t[4];
       l.spans = t[5].to(at::kLong).contiguous();
       if (given(t[6])) {
-        TORCH_CHECK(owq16::supported(), "linear ", i, ": the 16-bit GEMM needs AVX-512 VNNI");
+        TORCH_CHECK(owq16::supported(), "linear ", i, ": the 16-bit GEMM needs AVX2 and FMA");
         TORCH_CHECK(t[6].dim() == 3 && t[6].size(0) * 16 == ints[i][2] && t[7].dim() == 2 &&
                         t[7].size(1) == ints[i][2] && t[8].sizes() == t[7].sizes(),
                     "linear ", i, ": 16-bit GEMM operands of another shape");
@@ -439,5 +440,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("step", &Stack::step, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("gemm16_supported", &owq16::supported);
-  m.def("gemm16", &owq16::mm, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gemm16", &owq16::mm, pybind11::arg("x"), pybind11::arg("codes"), pybind11::arg("scales"),
+        pybind11::arg("zeros"), pybind11::arg("form") = 0,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("gemm16_level", &owq16::level);
 }

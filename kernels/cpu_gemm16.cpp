@@ -1,8 +1,8 @@
-// The 16-bit GEMM of CPU fast steps on AVX-512 VNNI: y [M, N] = x [M, K] @ ((q − z)·s)ᵀ for
-// codes q in [0, 16) as the layer stores them (2, 3 or 4 bits), one zero point z and fp32 scale
-// s per output and group. Activations are rounded to int16 with one scale per row
-// (absmax / 32767), so each group's sum is exact in int32 (`vpdpwssd`: two int16 products a
-// lane; `cpu_gemm16.takes` keeps a group's sum inside int32), then scaled in fp32:
+// The 16-bit GEMM of CPU fast steps: y [M, N] = x [M, K] @ ((q − z)·s)ᵀ for codes q in
+// [0, 16) as the layer stores them (2, 3 or 4 bits), one zero point z and fp32 scale s per
+// output and group. Activations are rounded to int16 with one scale per row (absmax / 32767),
+// so each group's sum is exact in int32 (AVX-512 VNNI `vpdpwssd`, or AVX2 `vpmaddwd`: two int16
+// products a lane; `cpu_gemm16.takes` keeps a group's sum inside int32), then scaled in fp32:
 // f += float(Σ q·xq − z·Σ xq)·s_g over the groups, y = f·sx. A row's numbers depend on nothing
 // but that row. Operands and twin: `cpu_gemm16.py` (`weight`, `twin`).
 //
@@ -16,34 +16,46 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define OWQ_VNNI 1
-#define OWQ_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define OWQ_X86 1
+#define OWQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define OWQ_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 namespace owq16 {
 
-bool supported() {  // asked once: `mm` checks it on every call
-#ifdef OWQ_VNNI
-  static const bool has = [] {
+// The widest form this CPU runs: 2 AVX-512 VNNI (`vpdpwssd`), 1 AVX2 (`vpmaddwd`), 0 none.
+// `OWQ_CPU_GEMM=avx2` caps it at 1. Both forms give the same integer sums and the same fp32
+// epilogue, so the same bits. Asked once: `mm` checks it on every call.
+int level() {
+#ifdef OWQ_X86
+  static const int best = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vnni");
+    const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const char* cap = std::getenv("OWQ_CPU_GEMM");
+    const bool capped = cap != nullptr && std::string(cap) == "avx2";
+    return vnni && !capped ? 2 : avx2 ? 1 : 0;
   }();
-  return has;
+  return best;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-#ifdef OWQ_VNNI
+bool supported() { return level() > 0; }
+
+#ifdef OWQ_X86
 // R rows × 16 outputs over all K; U independent int32 accumulators a row (a lone row's chain of
 // dependent `vpdpwssd` would otherwise wait on their latency), summed per group.
 template <int R, int U>
-OWQ_TARGET void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
+OWQ_VNNI void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
                      const float* scale, const uint8_t* zero, int64_t n, const float* sx,
                      const int32_t* sums, float* y) {
   const __m512i nibble = _mm512_set1_epi16(0x000F);
@@ -79,16 +91,70 @@ OWQ_TARGET void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t gro
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
 }
 
+// The AVX2 form of `tile`: each 16-byte half of a step's 32 bytes is 8 outputs' pairs, widened
+// to 16 int16 and multiplied with `vpmaddwd` (two int16 products summed a lane, exact in int32),
+// so the integer sums, and then every fp32 operation, are those of `tile`.
+template <int R, int U>
+OWQ_AVX2 void tile2(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
+                    const float* scale, const uint8_t* zero, int64_t n, const float* sx,
+                    const int32_t* sums, float* y) {
+  const __m256i nibble = _mm256_set1_epi16(0x000F);
+  const int64_t steps = k / 4 / groups;
+  __m256 f[R][2];
+  for (int r = 0; r < R; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i a[R][U][2];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) a[r][u][0] = a[r][u][1] = _mm256_setzero_si256();
+    for (int64_t t = g * steps; t < (g + 1) * steps; t += U) {
+      for (int u = 0; u < U && t + u < (g + 1) * steps; ++u) {
+        __m256i lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m128i bytes =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (t + u) * 32 + 16 * h));
+          const __m256i v = _mm256_cvtepu8_epi16(bytes);
+          lo[h] = _mm256_and_si256(v, nibble);
+          hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        }
+        for (int r = 0; r < R; ++r) {
+          const int32_t* x2 = reinterpret_cast<const int32_t*>(xq + r * k + 4 * (t + u));
+          const __m256i b0 = _mm256_set1_epi32(x2[0]), b1 = _mm256_set1_epi32(x2[1]);
+          for (int h = 0; h < 2; ++h) {
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo[h], b0),
+                                               _mm256_madd_epi16(hi[h], b1));
+            a[r][u][h] = _mm256_add_epi32(a[r][u][h], p);
+          }
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_loadu_ps(scale + g * n + 8 * h);
+      const __m256i z = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero + g * n + 8 * h)));
+      for (int r = 0; r < R; ++r) {
+        __m256i c = a[r][0][h];
+        for (int u = 1; u < U; ++u) c = _mm256_add_epi32(c, a[r][u][h]);
+        c = _mm256_sub_epi32(c, _mm256_mullo_epi32(z, _mm256_set1_epi32(sums[r * groups + g])));
+        f[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), s, f[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h)
+      _mm256_storeu_ps(y + r * n + 8 * h, _mm256_mul_ps(f[r][h], _mm256_set1_ps(sx[r])));
+}
+
 using Tile = void (*)(const uint8_t*, const int16_t*, int64_t, int64_t, const float*,
                       const uint8_t*, int64_t, const float*, const int32_t*, float*);
 constexpr Tile kTiles[8] = {tile<1, 4>, tile<2, 4>, tile<3, 2>, tile<4, 2>,
                             tile<5, 1>, tile<6, 1>, tile<7, 1>, tile<8, 1>};
+constexpr Tile kTiles2[4] = {tile2<1, 2>, tile2<2, 2>, tile2<3, 1>, tile2<4, 1>};
 #endif
 
 // x fp32 [M, K], w uint8 [N/16, K/4, 32], scales fp32 [groups, N], zeros uint8 [groups, N]
 // -> y fp32 [M, N].
 at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scales,
-              const at::Tensor& zeros) {
+              const at::Tensor& zeros, int64_t form) {
   TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat, "x: fp32 [M, K]");
   const int64_t m = x_.size(0), k = x_.size(1), blocks = w.size(0), n = blocks * 16;
   const int64_t groups = scales.size(0);
@@ -101,7 +167,9 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kByte &&
                   zeros.is_contiguous(),
               "zeros: uint8 [groups, N]");
-  TORCH_CHECK(supported(), "the 16-bit GEMM needs AVX-512 VNNI");
+  // form: 0 the widest this CPU runs (`level`), 1 AVX2 (tests hold both forms to the twin)
+  const int use = form == 0 ? level() : std::min<int>(static_cast<int>(form), level());
+  TORCH_CHECK(use > 0, "the 16-bit GEMM needs AVX2 and FMA");
   at::Tensor x = x_.contiguous();
   const float* xp = x.data_ptr<float>();
   std::vector<int16_t> xq(m * k);
@@ -131,18 +199,20 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
     }
   });
   at::Tensor y = at::empty({m, n}, x.options());
-#ifdef OWQ_VNNI
+#ifdef OWQ_X86
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
+  const int64_t height = use == 2 ? 8 : 4;  // rows a tile
+  const Tile* tiles = use == 2 ? kTiles : kTiles2;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t r0 = 0; r0 < m; r0 += 8) {
-        const int64_t rows = std::min<int64_t>(8, m - r0);
-        kTiles[rows - 1](wp + b * (k / 4) * 32, xq.data() + r0 * k, k, groups, sp + b * 16,
-                         zp + b * 16, n, sx.data() + r0, sums.data() + r0 * groups,
-                         yp + r0 * n + b * 16);
+      for (int64_t r0 = 0; r0 < m; r0 += height) {
+        const int64_t rows = std::min<int64_t>(height, m - r0);
+        tiles[rows - 1](wp + b * (k / 4) * 32, xq.data() + r0 * k, k, groups, sp + b * 16,
+                        zp + b * 16, n, sx.data() + r0, sums.data() + r0 * groups,
+                        yp + r0 * n + b * 16);
       }
     }
   });

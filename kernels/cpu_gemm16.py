@@ -1,12 +1,14 @@
-"""The 16-bit GEMM of CPU fast steps on AVX-512 VNNI (`cpu_gemm16.cpp`): operands and twin.
+"""The 16-bit GEMM of CPU fast steps (`cpu_gemm16.cpp`): operands and twin.
 
-y [M, out] = x [M, in] @ ((q − z)·s)ᵀ for a layer's codes q as stored (2, 3 or 4 bits), its
-zero points z and fp32 scales s, per output and group. Each row of x is rounded to int16 with one
+y [M, out] = x [M, in] @ ((q − z)·s)ᵀ for a layer's codes q as stored (2, 3 or 4 bits), its zero
+points z and fp32 scales s, per output and group. Each row of x is rounded to int16 with one
 scale (absmax / 32767), each group's Σ (q − z)·xq is exact in int32, then scaled in fp32. A
-row's numbers depend on nothing but that row. `cpu_ops.plan` gives a layer this kernel where
-`takes` says it can and `cpu_build.gemm16()` says the CPU runs it; the compiled step
-(`cpu_decode`) and the eager blocks (`cpu_ops.dense`) then run the same operands. Twin: `twin`,
-bit for bit. Knows the packed layout; nothing about models or requests.
+row's numbers depend on nothing but that row. Two forms, the same bits: AVX-512 VNNI
+(`vpdpwssd`, 8-row tiles) and AVX2 (`vpmaddwd`, 4-row tiles); the widest the CPU runs serves,
+`OWQ_CPU_GEMM=avx2` caps it at AVX2 (read once by the module). `cpu_ops.plan`
+gives a layer this kernel where `takes` says it can and `cpu_build.gemm16()` says the CPU runs
+it; the compiled step (`cpu_decode`) and the eager blocks (`cpu_ops.dense`) then run the same
+operands. Twin: `twin`, bit for bit. Knows the packed layout; nothing about models or requests.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def weight(packed: PackedWeight) -> Int16Weight:
     return Int16Weight(codes, packed.scales.float().contiguous(), zeros.contiguous())
 
 
-def mm(x: torch.Tensor, q: Int16Weight) -> torch.Tensor:
-    """x [M, in] -> [M, out] fp32 on the compiled kernel (`cpu_build.gemm16()` must be set)."""
-    return cpu_build.load().gemm16(x.float().contiguous(), q.codes, q.scales, q.zeros)
+def mm(x: torch.Tensor, q: Int16Weight, form: int = 0) -> torch.Tensor:
+    """x [M, in] -> [M, out] fp32 on the compiled kernel (`cpu_build.gemm16()` must be set);
+    `form` 1: the AVX2 form even where the CPU has VNNI (0: the widest)."""
+    return cpu_build.load().gemm16(x.float().contiguous(), q.codes, q.scales, q.zeros, form)
 
 
 def twin(x: torch.Tensor, packed: PackedWeight) -> torch.Tensor:

@@ -1,9 +1,13 @@
-"""The 16-bit GEMM of CPU fast steps (`kernels/cpu_gemm16.cpp`, on VNNI CPUs by default): bit
-for bit its twin (`cpu_gemm16.twin`) at every shape, bit width, group size and row count, each
-row the same alone as in a batch, closer to the fp64 product than the bf16 kernel; layers take
-it through their plans, the head included, and the compiled step on it equals the eager blocks
-on it. The kernel needs AVX-512 VNNI: those tests run where the CPU has it (the layout and
-`takes` tests run everywhere)."""
+"""The 16-bit GEMM of CPU fast steps (`kernels/cpu_gemm16.cpp`): both forms (AVX-512 VNNI,
+AVX2) bit for bit its twin (`cpu_gemm16.twin`) at every shape, bit width, group size and row
+count, each row the same alone as in a batch, closer to the fp64 product than the bf16 kernel;
+layers take it through their plans, the head included, and the compiled step on it equals the
+eager blocks on it. The kernel needs AVX2 and FMA (its VNNI form AVX-512 VNNI): those tests
+run where the CPU has them (the layout and `takes` tests run everywhere)."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,8 +20,13 @@ from owq.kernels.owq_vocab import OWQVocab
 def module_or_skip():
     module = cpu_build.gemm16()
     if module is None:
-        pytest.skip("the 16-bit GEMM needs AVX-512 VNNI (and the compiled module)")
+        pytest.skip("the 16-bit GEMM needs AVX2 and FMA (and the compiled module)")
     return module
+
+
+def forms(module) -> list[int]:
+    """The forms this CPU runs: 1 (AVX2) always, 2 (VNNI, the default 0) where it has it."""
+    return [0, 1] if module.gemm16_level() == 2 else [1]
 
 
 def layer(k: int, n: int, group_size: int, bits: int, seed: int = 0) -> OWQLinear:
@@ -63,17 +72,29 @@ def test_the_operands_are_the_layers_codes_zeros_and_scales():
     ],
 )  # fmt: skip
 def test_the_kernel_is_its_twin_bit_for_bit(k, n, group_size, bits):
-    module_or_skip()
+    module = module_or_skip()
     q = layer(k, n, group_size, bits)
     ops = cpu_gemm16.weight(q.packed)
     gen = torch.Generator().manual_seed(1)
-    for rows in (1, 3, 8, 9, 17):  # every tile height, and a third pass of 8
+    for rows in (1, 3, 8, 9, 17):  # every tile height (8 and 4 rows), and a third pass
         x = torch.randn(rows, k, generator=gen)
         x[:, 3] *= 40  # an activation outlier sets each row's scale
-        y = cpu_gemm16.mm(x, ops)
-        assert torch.equal(y, cpu_gemm16.twin(x, q.packed))
-        alone = torch.cat([cpu_gemm16.mm(x[i : i + 1], ops) for i in range(rows)])
-        assert torch.equal(alone, y)
+        want = cpu_gemm16.twin(x, q.packed)
+        for form in forms(module):
+            y = cpu_gemm16.mm(x, ops, form)
+            assert torch.equal(y, want), form
+            alone = torch.cat([cpu_gemm16.mm(x[i : i + 1], ops, form) for i in range(rows)])
+            assert torch.equal(alone, y), form
+
+
+def test_avx2_in_the_environment_caps_the_form():
+    """Read once by the module: a fresh process."""
+    module_or_skip()
+    code = "from owq.kernels import cpu_build; print(cpu_build.gemm16().gemm16_level())"
+    env = dict(os.environ, **{cpu_build.GEMM: "avx2"})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"
 
 
 @pytest.mark.parametrize("group_size,bits", [(-1, 3), (32, 4)])
