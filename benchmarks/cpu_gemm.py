@@ -6,7 +6,9 @@ gate/up fused 576 -> 3072, down 1536 -> 576; 3-bit, per channel) and the head (5
 shapes (RTN codes: the kernels' speed does not depend on the codes' values):
 
 - `torch`: torch's 4-bit kernel (`OWQ_CPU_GEMM=bf16`) at the instruction level torch picks;
-- `int16`: our 16-bit GEMM in its widest form (VNNI where the CPU has it);
+- `int16`: our 16-bit GEMM in its widest form (AMX from 5 rows where the CPU has it, else
+  VNNI where it has that);
+- `int16-vnni`: our GEMM held to its VNNI form (`OWQ_CPU_GEMM=vnni`);
 - `torch-avx2`: torch's kernel held to AVX2 (`ATEN_CPU_CAPABILITY=avx2`);
 - `int16-avx2`: our GEMM's AVX2 form (`OWQ_CPU_GEMM=avx2`).
 
@@ -37,6 +39,7 @@ import torch
 KERNELS = {
     "torch": {"OWQ_CPU_GEMM": "bf16"},
     "int16": {},
+    "int16-vnni": {"OWQ_CPU_GEMM": "vnni"},
     "torch-avx2": {"OWQ_CPU_GEMM": "bf16", "ATEN_CPU_CAPABILITY": "avx2"},
     "int16-avx2": {"OWQ_CPU_GEMM": "avx2"},
 }
@@ -67,7 +70,7 @@ def worker(rows: list[int], steps: int) -> None:
     kernel = {layer.cpu.kernel for layer in [*blocks, head]}
     inputs = {m: {k: torch.randn(m, k) for k in {s[0] for s in BLOCK_SHAPES}} for m in rows}
     if kernel == {"int16"}:  # the form: vnni or avx2
-        kernel = {["", "avx2", "vnni"][cpu_build.gemm16().gemm16_level()]}
+        kernel = {["", "avx2", "vnni", "amx"][cpu_build.gemm16().gemm16_level()]}
     print(" ".join(sorted(kernel)), flush=True)
 
     def timed(run) -> float:
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     for name, m in order:
         t = med[name, m]
         step = t["blocks"] + t["head"]
-        ref = "torch-avx2" if name.endswith("avx2") else "torch"
+        ref = "torch-avx2" if name.endswith("avx2") else "torch"  # the same level
         speed = ""
         if ref in procs:
             speed = (med[ref, m]["blocks"] + med[ref, m]["head"]) / step

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SOURCES = [HERE / "cpu_decode.cpp", HERE / "cpu_gemm16.cpp"]  # one module
 SWITCH = "OWQ_CPU_DECODE"  # "0": no compiled module (the eager blocks, torch's kernels)
 PREBUILT = "OWQ_CPU_DECODE_LIB"  # a module built ahead from these sources (the CPU image's)
-GEMM = "OWQ_CPU_GEMM"  # "bf16": torch's 4-bit kernel; "avx2": the 16-bit GEMM's AVX2 form
+GEMM = "OWQ_CPU_GEMM"  # "bf16": torch's 4-bit kernel; "vnni", "avx2": the 16-bit GEMM capped
 
 
 def enabled() -> bool:

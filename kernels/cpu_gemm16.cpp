@@ -21,17 +21,36 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define OWQ_X86 1
 #define OWQ_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 #define OWQ_AVX2 __attribute__((target("avx2,fma")))
+#define OWQ_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace owq16 {
 
-// The widest form this CPU runs: 2 AVX-512 VNNI (`vpdpwssd`), 1 AVX2 (`vpmaddwd`), 0 none.
-// `OWQ_CPU_GEMM=avx2` caps it at 1. Both forms give the same integer sums and the same fp32
-// epilogue, so the same bits. Asked once: `mm` checks it on every call.
+// AMX tiles with int8 products, and Linux's leave to use their state (asked once a process).
+bool amx() {
+#if defined(OWQ_X86) && defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25)))
+    return false;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+#else
+  return false;
+#endif
+}
+
+// The widest form this CPU runs: 3 AMX (`tdpbssd`/`tdpbusd`, for steps of several rows; lone
+// rows take the VNNI form), 2 AVX-512 VNNI (`vpdpwssd`), 1 AVX2 (`vpmaddwd`), 0 none.
+// `OWQ_CPU_GEMM=avx2` or `vnni` caps it. Every form gives the same integer sums and the same
+// fp32 epilogue, so the same bits. Asked once: `mm` checks it on every call.
 int level() {
 #ifdef OWQ_X86
   static const int best = [] {
@@ -39,9 +58,11 @@ int level() {
     const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vnni");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const char* cap = std::getenv("OWQ_CPU_GEMM");
-    const bool capped = cap != nullptr && std::string(cap) == "avx2";
-    return vnni && !capped ? 2 : avx2 ? 1 : 0;
+    const char* env = std::getenv("OWQ_CPU_GEMM");
+    const std::string cap = env == nullptr ? "" : env;
+    if (cap == "avx2") return avx2 ? 1 : 0;
+    if (!vnni) return avx2 ? 1 : 0;
+    return cap != "vnni" && amx() ? 3 : 2;
   }();
   return best;
 #else
@@ -149,6 +170,72 @@ using Tile = void (*)(const uint8_t*, const int16_t*, int64_t, int64_t, const fl
 constexpr Tile kTiles[8] = {tile<1, 4>, tile<2, 4>, tile<3, 2>, tile<4, 2>,
                             tile<5, 1>, tile<6, 1>, tile<7, 1>, tile<8, 1>};
 constexpr Tile kTiles2[4] = {tile2<1, 2>, tile2<2, 2>, tile2<3, 1>, tile2<4, 1>};
+
+// The AMX form, for 16 outputs and up to 16 rows (A tiles of 16 rows; rows past m are zeros).
+// Each int16 input is 256·hi + lo (hi = xq >> 8 signed, lo = xq & 255 unsigned), so Σ q·xq =
+// 256·Σ q·hi (`tdpbssd`) + Σ q·lo (`tdpbusd`), exact in int32 as the other forms' sums; the
+// codes of kt inputs are widened into a B tile (a row per 4 inputs: each output's 4 codes).
+// Tiles: 0, 1 the two sums; 2, 3 the inputs' hi and lo bytes; 4 the codes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+OWQ_AMX void amx_tile(const uint8_t* w, const int8_t* hi, const uint8_t* lo, int64_t k,
+                      int64_t kt, int64_t groups, const float* scale, const uint8_t* zero,
+                      int64_t n, const float* sx, const int32_t* sums, float* y, int64_t rows) {
+  alignas(64) uint8_t b[16 * 64];
+  alignas(64) int32_t ch[16 * 16], cl[16 * 16];
+  __m512 f[16];
+  for (int r = 0; r < 16; ++r) f[r] = _mm512_setzero_ps();
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const int64_t per = k / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k0 = g * per; k0 < (g + 1) * per; k0 += kt) {
+      for (int64_t t = 0; t < kt / 4; ++t) {  // B row t: outputs' codes at k0 + 4t .. + 3
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k0 / 4 + t) * 32));
+        const __m256i low = _mm256_and_si256(v, nibble);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        const __m512i row = _mm512_or_si512(_mm512_cvtepu16_epi32(low),
+                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16));
+        _mm512_store_si512(reinterpret_cast<__m512i*>(b + t * 64), row);
+      }
+      _tile_loadd(4, b, 64);
+      _tile_loadd(2, hi + k0, k);
+      _tile_loadd(3, lo + k0, k);
+      _tile_dpbssd(0, 2, 4);
+      _tile_dpbusd(1, 3, 4);
+    }
+    _tile_stored(0, ch, 64);
+    _tile_stored(1, cl, 64);
+    const __m512 s = _mm512_loadu_ps(scale + g * n);
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + 16 * r), 8),
+                                   _mm512_load_si512(cl + 16 * r));
+      c = _mm512_sub_epi32(c, _mm512_mullo_epi32(z, _mm512_set1_epi32(sums[r * groups + g])));
+      f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, f[r]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
+}
+
+OWQ_AMX void amx_begin(int64_t kt) {
+  TileConfig cfg;
+  for (int t = 0; t < 5; ++t) cfg.rows[t] = 16;
+  cfg.colsb[0] = cfg.colsb[1] = cfg.colsb[4] = 64;
+  cfg.colsb[2] = cfg.colsb[3] = static_cast<uint16_t>(kt);
+  cfg.rows[4] = static_cast<uint8_t>(kt / 4);
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops the stores `ldtilecfg` reads
+  _tile_loadconfig(&cfg);
+}
+
+OWQ_AMX void amx_end() { _tile_release(); }
+
+constexpr int64_t kAmxRows = 5;  // fewer rows take the VNNI form (measured: a tile's fixed cost)
 #endif
 
 // x fp32 [M, K], w uint8 [N/16, K/4, 32], scales fp32 [groups, N], zeros uint8 [groups, N]
@@ -167,7 +254,8 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   TORCH_CHECK(zeros.sizes() == scales.sizes() && zeros.scalar_type() == at::kByte &&
                   zeros.is_contiguous(),
               "zeros: uint8 [groups, N]");
-  // form: 0 the widest this CPU runs (`level`), 1 AVX2 (tests hold both forms to the twin)
+  // form: 0 the widest this CPU runs (`level`), else at most that one (the tests hold every
+  // form to the twin)
   const int use = form == 0 ? level() : std::min<int>(static_cast<int>(form), level());
   TORCH_CHECK(use > 0, "the 16-bit GEMM needs AVX2 and FMA");
   at::Tensor x = x_.contiguous();
@@ -204,8 +292,29 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
-  const int64_t height = use == 2 ? 8 : 4;  // rows a tile
-  const Tile* tiles = use == 2 ? kTiles : kTiles2;
+  if (use == 3 && m >= kAmxRows) {
+    const int64_t padded = (m + 15) / 16 * 16, kt = per % 64 == 0 ? 64 : 32;
+    std::vector<int8_t> hi(padded * k, 0);
+    std::vector<uint8_t> lo(padded * k, 0);
+    for (int64_t i = 0; i < m * k; ++i) {
+      hi[i] = static_cast<int8_t>(xq[i] >> 8);
+      lo[i] = static_cast<uint8_t>(xq[i] & 0xFF);
+    }
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      amx_begin(kt);
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t r0 = 0; r0 < m; r0 += 16) {
+          amx_tile(wp + b * (k / 4) * 32, hi.data() + r0 * k, lo.data() + r0 * k, k, kt, groups,
+                   sp + b * 16, zp + b * 16, n, sx.data() + r0, sums.data() + r0 * groups,
+                   yp + r0 * n + b * 16, std::min<int64_t>(16, m - r0));
+        }
+      }
+      amx_end();
+    });
+    return y;
+  }
+  const int64_t height = use >= 2 ? 8 : 4;  // rows a tile
+  const Tile* tiles = use >= 2 ? kTiles : kTiles2;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t r0 = 0; r0 < m; r0 += height) {

@@ -3,9 +3,10 @@
 y [M, out] = x [M, in] @ ((q − z)·s)ᵀ for a layer's codes q as stored (2, 3 or 4 bits), its zero
 points z and fp32 scales s, per output and group. Each row of x is rounded to int16 with one
 scale (absmax / 32767), each group's Σ (q − z)·xq is exact in int32, then scaled in fp32. A
-row's numbers depend on nothing but that row. Two forms, the same bits: AVX-512 VNNI
+row's numbers depend on nothing but that row. Three forms, the same bits: AMX (`tdpbssd` and
+`tdpbusd` on each input's high and low byte, for steps of 5 rows or more), AVX-512 VNNI
 (`vpdpwssd`, 8-row tiles) and AVX2 (`vpmaddwd`, 4-row tiles); the widest the CPU runs serves,
-`OWQ_CPU_GEMM=avx2` caps it at AVX2 (read once by the module). `cpu_ops.plan`
+`OWQ_CPU_GEMM=vnni` or `avx2` caps it (read once by the module). `cpu_ops.plan`
 gives a layer this kernel where `takes` says it can and `cpu_build.gemm16()` says the CPU runs
 it; the compiled step (`cpu_decode`) and the eager blocks (`cpu_ops.dense`) then run the same
 operands. Twin: `twin`, bit for bit. Knows the packed layout; nothing about models or requests.
@@ -65,7 +66,7 @@ def weight(packed: PackedWeight) -> Int16Weight:
 
 def mm(x: torch.Tensor, q: Int16Weight, form: int = 0) -> torch.Tensor:
     """x [M, in] -> [M, out] fp32 on the compiled kernel (`cpu_build.gemm16()` must be set);
-    `form` 1: the AVX2 form even where the CPU has VNNI (0: the widest)."""
+    `form` caps the form (1 AVX2, 2 VNNI, 3 AMX; 0: the widest this CPU runs)."""
     return cpu_build.load().gemm16(x.float().contiguous(), q.codes, q.scales, q.zeros, form)
 
 

@@ -25,8 +25,9 @@ def module_or_skip():
 
 
 def forms(module) -> list[int]:
-    """The forms this CPU runs: 1 (AVX2) always, 2 (VNNI, the default 0) where it has it."""
-    return [0, 1] if module.gemm16_level() == 2 else [1]
+    """The forms this CPU runs, each asked for (1 AVX2, 2 VNNI, 3 AMX from 5 rows on), and the
+    default (0: the widest)."""
+    return [0, *range(1, module.gemm16_level() + 1)]
 
 
 def layer(k: int, n: int, group_size: int, bits: int, seed: int = 0) -> OWQLinear:
@@ -87,14 +88,15 @@ def test_the_kernel_is_its_twin_bit_for_bit(k, n, group_size, bits):
             assert torch.equal(alone, y), form
 
 
-def test_avx2_in_the_environment_caps_the_form():
+@pytest.mark.parametrize("cap,form", [("avx2", 1), ("vnni", 2)])
+def test_the_environment_caps_the_form(cap, form):
     """Read once by the module: a fresh process."""
-    module_or_skip()
+    module = module_or_skip()
     code = "from owq.kernels import cpu_build; print(cpu_build.gemm16().gemm16_level())"
-    env = dict(os.environ, **{cpu_build.GEMM: "avx2"})
+    env = dict(os.environ, **{cpu_build.GEMM: cap})
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == "1"
+    assert int(done.stdout.split()[-1]) == min(form, module.gemm16_level())
 
 
 @pytest.mark.parametrize("group_size,bits", [(-1, 3), (32, 4)])
