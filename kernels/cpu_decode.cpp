@@ -1,8 +1,8 @@
 // Fused CPU steps of a stack of pre-norm decoder blocks (RMSNorm, optional per-head q/k
 // RMSNorm (Qwen3), RoPE, grouped-query attention over the KV cache, gated SiLU MLP), one token
 // per row, every projection on the low-bit kernel its CPU plan chose (the 16-bit GEMM of
-// `cpu_gemm16.cpp` on VNNI CPUs, torch's 4-bit kernel elsewhere) plus its weak columns. Built
-// by `cpu_build.py`, driven by `cpu_decode.py`; twin: the runtime's eager block
+// `cpu_gemm16.cpp` on x86 CPUs with AVX2, torch's 4-bit kernel elsewhere) plus its weak
+// columns. Built by `cpu_build.py`, driven by `cpu_decode.py`; twin: the runtime's eager block
 // (`server/runtime/llama.py`, on the same kernels), which this file must match to fp32
 // rounding. One call per step instead of ~60 eager ops per block: what remains of a step is
 // the low-bit GEMMs and the bytes they read.
@@ -36,12 +36,12 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales
 namespace {
 
 struct Linear {
-  at::Tensor packed, scale_zero;  // torch's 4-bit kernel operands
+  at::Tensor packed, scale_zero;          // torch's 4-bit kernel's operands, or empty
   at::Tensor codes16, scales16, zeros16;  // the 16-bit GEMM's (`cpu_gemm16.cpp`), or empty
-  at::Tensor correction;          // fp32 [groups, out] zero term of 4-bit codes, or empty
-  at::Tensor idx;                 // long [k] weak inputs, or empty
-  at::Tensor bias;                // fp32 [out], or empty
-  at::Tensor spans;               // long [R, 3]: (weak row j, first output, outputs) it covers
+  at::Tensor correction;                  // fp32 [groups, out] zero term of 4-bit codes, or empty
+  at::Tensor idx;                         // long [k] weak inputs, or empty
+  at::Tensor bias;                        // fp32 [out], or empty
+  at::Tensor spans;  // long [R, 3]: (weak row j, first output, outputs) it covers
   int64_t group = 0, group_size = 0, out = 0;
 };
 
@@ -213,7 +213,8 @@ class Stack {
     for (size_t i = 0; i < tensors.size(); ++i) {
       const auto& t = tensors[i];
       TORCH_CHECK(t.size() == 9 && ints[i].size() == 3, "linear ", i,
-                  ": 9 tensors (torch's 4-bit kernel's, idx, bias, spans, the 16-bit GEMM's), 3 ints");
+                  ": 9 tensors (torch's 4-bit kernel's 3, idx, bias, spans, the 16-bit GEMM's 3)",
+                  " and 3 ints");
       Linear l;
       l.packed = t[0];
       l.scale_zero = t[1];

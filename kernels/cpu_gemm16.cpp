@@ -89,7 +89,8 @@ OWQ_VNNI void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t group
       for (int u = 0; u < U; ++u) a[r][u] = _mm512_setzero_si512();
     for (int64_t t = g * steps; t < (g + 1) * steps; t += U) {
       for (int u = 0; u < U && t + u < (g + 1) * steps; ++u) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (t + u) * 32));
+        const __m256i bytes =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (t + u) * 32));
         const __m512i v = _mm512_cvtepu8_epi16(bytes);
         const __m512i lo = _mm512_and_si512(v, nibble);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
@@ -101,7 +102,8 @@ OWQ_VNNI void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t group
       }
     }
     const __m512 s = _mm512_loadu_ps(scale + g * n);
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
+    const __m512i z =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
     for (int r = 0; r < R; ++r) {
       __m512i c = a[r][0];
       for (int u = 1; u < U; ++u) c = _mm512_add_epi32(c, a[r][u]);
@@ -109,7 +111,8 @@ OWQ_VNNI void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t group
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, f[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
 }
 
 // The AVX2 form of `tile`: each 16-byte half of a step's 32 bytes is 8 outputs' pairs, widened
@@ -196,7 +199,8 @@ OWQ_AMX void amx_tile(const uint8_t* w, const int8_t* hi, const uint8_t* lo, int
     _tile_zero(1);
     for (int64_t k0 = g * per; k0 < (g + 1) * per; k0 += kt) {
       for (int64_t t = 0; t < kt / 4; ++t) {  // B row t: outputs' codes at k0 + 4t .. + 3
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (k0 / 4 + t) * 32));
+        const uint8_t* chunk = w + (k0 / 4 + t) * 32;
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
         const __m256i low = _mm256_and_si256(v, nibble);
         const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
         const __m512i row = _mm512_or_si512(_mm512_cvtepu16_epi32(low),
@@ -212,7 +216,8 @@ OWQ_AMX void amx_tile(const uint8_t* w, const int8_t* hi, const uint8_t* lo, int
     _tile_stored(0, ch, 64);
     _tile_stored(1, cl, 64);
     const __m512 s = _mm512_loadu_ps(scale + g * n);
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
+    const __m512i z =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * n)));
     for (int64_t r = 0; r < rows; ++r) {
       __m512i c = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + 16 * r), 8),
                                    _mm512_load_si512(cl + 16 * r));
@@ -220,7 +225,8 @@ OWQ_AMX void amx_tile(const uint8_t* w, const int8_t* hi, const uint8_t* lo, int
       f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, f[r]);
     }
   }
-  for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
+  for (int64_t r = 0; r < rows; ++r)
+    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(f[r], _mm512_set1_ps(sx[r])));
 }
 
 OWQ_AMX void amx_begin(int64_t kt) {

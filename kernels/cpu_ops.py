@@ -6,9 +6,10 @@ dequantized dense copy. The dense part takes one of these kernels, by what the s
 (`fast`, the runtime's choice: every decode step, and every prefill that does not score its
 prompt's tokens):
 
-- fast, on CPUs with AVX-512 VNNI: the 16-bit GEMM (`cpu_gemm16`: activations rounded to int16
-  per row, exact integer sums, fp32 scales and zero points) for every layer it takes, of 2, 3
-  or 4 bits, the head included. Exact twin: `cpu_gemm16.twin`.
+- fast, on x86 CPUs with AVX2: the 16-bit GEMM (`cpu_gemm16`: activations rounded to int16 per
+  row, exact integer sums, fp32 scales and zero points; AMX, AVX-512 VNNI or AVX2 forms, the
+  same bits) for every layer it takes, of 2, 3 or 4 bits, the head included. Exact twin:
+  `cpu_gemm16.twin`.
 - fast, elsewhere: torch's 4-bit kernel (`torch._weight_int4pack_mm_for_cpu`, bf16 activations
   and scales, fp32 accumulation) for every layer of at most 4 bits whose input width is a
   multiple of 32 and output a multiple of 16. The kernel computes (q − 8)·s + zero per group.
@@ -17,7 +18,7 @@ prompt's tokens):
   that cost 0.6% perplexity); 4-bit codes need all 16 values, so they stay as they are and the
   zero term is added in fp32 afterwards: y += Σ_g (Σ_{j∈g} x_j)·(8 − z_g)·s_g. Exact twin:
   `int4_twin`. `fast_twin` is the twin of whichever kernel a plan holds.
-- exact (prompt scoring, or layers the 4-bit kernel cannot take): one fp32 GEMM on the
+- exact (prompt scoring, or layers no low-bit kernel takes): one fp32 GEMM on the
   dequantized weight, the resident copy if the plan keeps one, else a transient one made for
   this call; the same numbers as `owq eval` (twin: `reference.owq_matmul`).
 
