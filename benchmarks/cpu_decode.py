@@ -1,13 +1,13 @@
-"""The CPU decode kernels of the server runtime on the default checkpoint: fp32 dense vs int4.
+"""The CPU decode kernels of the server runtime on the default checkpoint: fp32 dense vs packed.
 
-`kernels/cpu_ops.py` runs fast steps (decode, and prompts not scored) on the codes repacked as
-4-bit (bf16 activations), and steps that score a prompt on the fp32 dense weight. This measures
-what that buys and costs, on the runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows;
-teacher-forced perplexity on Persuasion where every token goes through a one-token decode step
-(so the 4-bit kernel scores every token); and greedy agreement, the share of generated tokens
-equal to the fp32 run's. `--split` instead times where one row's step goes: the 4-bit GEMMs
-alone, the whole layer ops (weak parts included), the step (what is left is dispatch, norms,
-RoPE and attention).
+`kernels/cpu_ops.py` runs fast steps (decode, and prompts not scored) on the layers' codes (the
+16-bit GEMM, or torch's 4-bit kernel with bf16 activations: `OWQ_CPU_GEMM`), and steps that
+score a prompt on the fp32 dense weight. This measures what that buys and costs, on the
+runtime itself (no HTTP): per-step latency at 1, 4 and 16 rows; teacher-forced perplexity on
+Persuasion where every token goes through a one-token decode step (so the packed kernel scores
+every token); and greedy agreement, the share of generated tokens equal to the fp32 run's.
+`--split` instead times where one row's step goes: the low-bit GEMMs alone, the whole layer
+ops (weak parts included), the step (what is left is dispatch, norms, RoPE and attention).
 
 examples:
   python benchmarks/cpu_decode.py                      # default checkpoint, ~3 minutes
@@ -126,7 +126,15 @@ def measure(ckpt: Path, packed: bool, ids: list[int], prompts: list[list[int]], 
         lat = {rows: latency_ms(runtime, cache, rows) for rows in (1, 4, 16)}
         ppl = decode_perplexity(runtime, cache, ids)
         texts = [greedy(runtime, cache, p, new) for p in prompts]
-    return {"latency_ms": lat, "decode_ppl": ppl, "greedy": texts}
+    return {"latency_ms": lat, "decode_ppl": ppl, "greedy": texts, "kernel": kernel_of(runtime)}
+
+
+def kernel_of(runtime) -> str:
+    """The low-bit kernels the runtime's layers run on fast steps ("fp32": none)."""
+    from owq.kernels import OWQLinear
+
+    kinds = {m.cpu.kernel for m in runtime.modules() if isinstance(m, OWQLinear) and m.cpu}
+    return "+".join(sorted(k or "fp32" for k in kinds)) or "fp32"
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -159,7 +167,7 @@ def print_split(ckpt: Path, out: Path) -> None:
         split = split_ms(runtime, cache)
     n = split["projections"]
     print(f"one row's decode step, ms (median of interleaved rounds), {n} packed projections")
-    print(f"{'4-bit GEMMs alone':32} {split['gemms']:8.2f}")
+    print(f"{'low-bit GEMMs alone':32} {split['gemms']:8.2f}")
     print(f"{'+ weak parts (the layer ops)':32} {split['layers']:8.2f}")
     print(f"{'the whole step':32} {split['step']:8.2f}")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
@@ -183,14 +191,15 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = tok(eval_text("persuasion")[:20000]).input_ids[: args.tokens]
     prompts = [tok(p).input_ids for p in PROMPTS]
-    runs = {k: measure(ckpt, k == "int4", ids, prompts, args.new) for k in ("fp32", "int4")}
-    share, first = agreement(runs["fp32"]["greedy"], runs["int4"]["greedy"])
+    runs = {k: measure(ckpt, k == "packed", ids, prompts, args.new) for k in ("fp32", "packed")}
+    share, first = agreement(runs["fp32"]["greedy"], runs["packed"]["greedy"])
     print(f"{'kernel':8} {'1 row ms':>9} {'4 rows ms':>10} {'16 rows ms':>11} {'decode ppl':>11}")
     for name, r in runs.items():
         lat = r["latency_ms"]
         print(f"{name:8} {lat[1]:9.1f} {lat[4]:10.1f} {lat[16]:11.1f} {r['decode_ppl']:11.3f}")
-    speed = runs["fp32"]["latency_ms"][1] / runs["int4"]["latency_ms"][1]
-    print(f"int4 vs fp32 at 1 row: {speed:.2f}x faster; greedy tokens equal: {100 * share:.1f}% "
+    speed = runs["fp32"]["latency_ms"][1] / runs["packed"]["latency_ms"][1]
+    print(f"packed ({runs['packed']['kernel']}) vs fp32 at 1 row: {speed:.2f}x faster; "
+          f"greedy tokens equal: {100 * share:.1f}% "
           f"(first difference at token {first:.1f} of {args.new} on average)")  # fmt: skip
     result = {
         "checkpoint": str(ckpt),
