@@ -84,12 +84,15 @@ def load():
         try:
             return _import(prebuilt)
         except Exception as e:  # another CPU level, another torch: the eager blocks serve
-            log.warning("fused CPU decode step %s unusable (%s): decode runs the eager blocks",
+            log.warning("compiled CPU module %s unusable (%s): the eager blocks serve",
                         prebuilt, e)  # fmt: skip
             return None
     from torch.utils import cpp_extension
 
-    log.info("loading the fused CPU decode step (built once per machine, ~30 s)")
+    log.info(
+        "loading the compiled CPU module: fused decode step, 16-bit GEMM (built once per "
+        "machine, ~30 s)"
+    )
     try:
         _stale_lock(Path(cpp_extension._get_build_directory("owq_cpu_decode", False)))
         cflags = flags()
@@ -101,7 +104,7 @@ def load():
             extra_ldflags=ldflags,
         )
     except Exception as e:  # no compiler, no ninja, a failed build: the eager blocks serve
-        log.warning("fused CPU decode step unavailable (%s): decode runs the eager blocks", e)
+        log.warning("compiled CPU module unavailable (%s): the eager blocks serve", e)
         return None
 
 
