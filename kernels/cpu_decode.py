@@ -12,11 +12,11 @@ for fp32 slot tables; on fp16 tables the eager bag rounds a row's weak sum to fp
 keeps it in fp32 (about 1% of the logits on the tests' random adapters).
 
 Each projection runs the kernel its CPU plan chose (`cpu_ops.plan`): the 16-bit GEMM of
-`cpu_gemm16.cpp` where the CPU has AVX-512 VNNI, torch's 4-bit kernel elsewhere; the eager
-blocks run the same one. The module comes from `cpu_build.load()`. `DecodeStack` holds a
-runtime's layers' operands, read once from their CPU plans, and checks on every step that those
-plans are still the layers' own. Knows the plans' kernels and the block's maths; nothing about
-model families' names, requests or adapters by name.
+`cpu_gemm16.cpp` on x86 CPUs with AVX2 (its AMX, VNNI or AVX2 form), torch's 4-bit kernel
+elsewhere; the eager blocks run the same one. The module comes from `cpu_build.load()`.
+`DecodeStack` holds a runtime's layers' operands, read once from their CPU plans, and checks on
+every step that those plans are still the layers' own. Knows the plans' kernels and the block's
+maths; nothing about model families' names, requests or adapters by name.
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ bool supported() { return level() > 0; }
 // dependent `vpdpwssd` would otherwise wait on their latency), summed per group.
 template <int R, int U>
 OWQ_VNNI void tile(const uint8_t* w, const int16_t* xq, int64_t k, int64_t groups,
-                     const float* scale, const uint8_t* zero, int64_t n, const float* sx,
-                     const int32_t* sums, float* y) {
+                   const float* scale, const uint8_t* zero, int64_t n, const float* sx,
+                   const int32_t* sums, float* y) {
   const __m512i nibble = _mm512_set1_epi16(0x000F);
   const int64_t steps = k / 4 / groups;  // 4 inputs a step
   __m512 f[R];
@@ -270,6 +270,15 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   std::vector<float> sx(m);
   std::vector<int32_t> sums(m * groups);
   const int64_t per = k / groups;
+#ifdef OWQ_X86
+  const bool on_amx = use == 3 && m >= kAmxRows;
+#else
+  const bool on_amx = false;
+#endif
+  // the AMX form reads each input as a signed high and an unsigned low byte, in A tiles of 16
+  // rows (rows past m stay zero)
+  std::vector<int8_t> hi(on_amx ? (m + 15) / 16 * 16 * k : 0, 0);
+  std::vector<uint8_t> lo(hi.size(), 0);
   at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {  // each row alone: any split
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * k;
@@ -287,6 +296,10 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
           const int16_t q = static_cast<int16_t>(std::nearbyint(row[i] * inv));
           xq[r * k + i] = q;
           sum += q;
+          if (on_amx) {
+            hi[r * k + i] = static_cast<int8_t>(q >> 8);
+            lo[r * k + i] = static_cast<uint8_t>(q & 0xFF);
+          }
         }
         sums[r * groups + g] = sum;
       }
@@ -298,14 +311,8 @@ at::Tensor mm(const at::Tensor& x_, const at::Tensor& w, const at::Tensor& scale
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
-  if (use == 3 && m >= kAmxRows) {
-    const int64_t padded = (m + 15) / 16 * 16, kt = per % 64 == 0 ? 64 : 32;
-    std::vector<int8_t> hi(padded * k, 0);
-    std::vector<uint8_t> lo(padded * k, 0);
-    for (int64_t i = 0; i < m * k; ++i) {
-      hi[i] = static_cast<int8_t>(xq[i] >> 8);
-      lo[i] = static_cast<uint8_t>(xq[i] & 0xFF);
-    }
+  if (on_amx) {
+    const int64_t kt = per % 64 == 0 ? 64 : 32;  // inputs a B tile spans
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       amx_begin(kt);
       for (int64_t b = b0; b < b1; ++b) {
